@@ -1,0 +1,5 @@
+import sys
+
+from omniquant.cli import main
+
+sys.exit(main())

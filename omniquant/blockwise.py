@@ -1,0 +1,231 @@
+"""Block-wise OmniQuant calibration (OmniQuant §3.1).
+
+For decoder block i, with X_fp the full-precision stream and X_q the quantized stream (outputs of the already
+quantized blocks 0..i-1):
+
+    target = F_i(X_fp)                          (full-precision block on the fp stream)
+    minimise  MSE(F_i^q(X_q; Θ), target)       (+ MSE(F_i^q(X_q), F_i(X_q)) with aug_loss)
+    over Θ = LWC logits (and LET scales/shifts), weights frozen; AdamW, one window per step, `epochs` passes.
+
+Then the learned transform is fused into the weights (quantized in place), X_fp <- target, X_q <- F_i^q(X_q).
+Learned parameters of each finished block are saved atomically, so a killed run resumes bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from omniquant.atomic import atomic_write
+from omniquant.capture import block_forward, capture_block_inputs
+from omniquant.config import CalibConfig
+from omniquant.errors import UserError
+from omniquant.models.base import Adapter
+from omniquant.quant.qlinear import QuantLinear, replace_linears, restore_linears
+from omniquant.quant.spec import WeightQuantSpec
+
+# A block's LET module is attached under this attribute while it is calibrated, so its parameters are saved,
+# restored and optimised together with the LWC logits (second AdamW group, lr let_lr).
+LET_ATTR = "omniquant_let"
+
+
+@dataclass
+class CalibResult:
+    """Per quantized linear (full module name): (scales float32 [N, G], zeros int32 [N, G]); per block a log."""
+
+    qparams: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    block_log: list[dict] = field(default_factory=list)
+
+
+class RunState:
+    """Resume directory: run.json (settings) + block_XXXX.safetensors (learned parameters of finished blocks)."""
+
+    def __init__(self, path: Path, cfg: CalibConfig, model_path: str):
+        self.path = Path(path)
+        self.identity = {"model": str(Path(model_path).resolve()), **cfg.run_identity()}
+
+    def open(self, resume: bool) -> int:
+        """Create or check the directory; returns the number of finished blocks."""
+        run_json = self.path / "run.json"
+        if resume:
+            if not run_json.exists():
+                raise UserError(f"--resume {self.path}: no run.json there (not a calibration state directory)")
+            saved = json.loads(run_json.read_text())
+            diff = {k: (saved.get(k), v) for k, v in self.identity.items() if saved.get(k) != v}
+            if diff:
+                raise UserError(f"--resume {self.path} holds a different run; differing settings (saved, now): {diff}")
+        else:
+            if self.path.exists() and any(self.path.iterdir()):
+                raise UserError(
+                    f"{self.path} holds the state of an unfinished run: pass --resume {self.path} to continue it, "
+                    "or delete the directory"
+                )
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write(run_json, lambda p: Path(p).write_text(json.dumps(self.identity, indent=2)))
+        done = 0
+        while (self.block_file(done)).exists():
+            done += 1
+        return done
+
+    def block_file(self, i: int) -> Path:
+        return self.path / f"block_{i:04d}.safetensors"
+
+    def save_block(self, i: int, tensors: dict[str, torch.Tensor], log: dict) -> None:
+        meta = {"log": json.dumps(log)}
+        atomic_write(self.block_file(i), lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p), meta))
+
+    def load_block(self, i: int) -> tuple[dict[str, torch.Tensor], dict]:
+        from safetensors import safe_open
+
+        with safe_open(str(self.block_file(i)), "pt") as f:
+            log = json.loads(f.metadata()["log"])
+        return load_file(str(self.block_file(i))), log
+
+
+def _learned(block: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in block.named_parameters() if p.requires_grad}
+
+
+def _set_learned(block: nn.Module, values: dict[str, torch.Tensor]) -> None:
+    params = dict(block.named_parameters())
+    with torch.no_grad():
+        for n, v in values.items():
+            params[n].copy_(v)
+
+
+def _train_block(block, q_inps, fp_outs, aug_outs, kwargs, cfg: CalibConfig, let, bar_desc: str) -> dict:
+    """Optimise the block's learnable parameters in place; returns a log (losses, NaN event)."""
+    learnable = [(n, p) for n, p in block.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in learnable if not n.startswith(LET_ATTR)], "lr": cfg.lwc_lr},
+        {"params": [p for n, p in learnable if n.startswith(LET_ATTR)], "lr": cfg.let_lr},
+    ]
+    groups = [g for g in groups if g["params"]]
+    log = {"epoch_loss": [], "nan": None}
+    if not groups or cfg.epochs == 0:
+        return log
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.wd)
+    cuda = q_inps.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if cuda else None
+    last_good = _learned(block)
+    n_steps = q_inps.shape[0] // cfg.batch_size
+    bar = tqdm(range(cfg.epochs), desc=bar_desc, leave=False)
+    for epoch in bar:
+        total = 0.0
+        for j in range(n_steps):
+            sl = slice(j * cfg.batch_size, (j + 1) * cfg.batch_size)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                if let is not None:
+                    let.apply_temporary()
+                out = block_forward(block, q_inps[sl], kwargs)
+                loss = torch.nn.functional.mse_loss(out.float(), fp_outs[sl])
+                if aug_outs is not None:
+                    loss = loss + torch.nn.functional.mse_loss(out.float(), aug_outs[sl])
+            if not torch.isfinite(loss):
+                _set_learned(block, last_good)
+                log["nan"] = {"epoch": epoch, "step": j}
+                tqdm.write(f"{bar_desc}: non-finite loss at epoch {epoch} step {j}; restored last finite parameters")
+                return log
+            last_good = _learned(block)
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            total += float(loss)
+        log["epoch_loss"].append(total / max(n_steps, 1))
+        bar.set_postfix(loss=f"{log['epoch_loss'][-1]:.3e}")
+    # the parameters after the last step were never evaluated; check them once
+    with torch.no_grad():
+        if let is not None:
+            let.apply_temporary()
+        probe = block_forward(block, q_inps[: cfg.batch_size], kwargs)
+    if not torch.isfinite(probe).all():
+        _set_learned(block, last_good)
+        log["nan"] = {"epoch": cfg.epochs, "step": "final"}
+    return log
+
+
+@torch.no_grad()
+def _fuse(block: nn.Module, qlinears: dict[str, QuantLinear], let, prefix: str, result: CalibResult) -> None:
+    """Fold LET into weights/norms, quantize every linear in place, record its scales/zeros, restore nn.Linear."""
+    if let is not None:
+        let.fuse()
+        delattr(block, LET_ATTR)
+    for name, q in qlinears.items():
+        w_fq, scales, zeros = q.wquant.export(q.weight)
+        q.linear.weight.data.copy_(w_fq.to(q.linear.weight.dtype))
+        if q.temp_bias is not None:
+            q.linear.bias = nn.Parameter(q.temp_bias.detach().clone(), requires_grad=False)
+        result.qparams[f"{prefix}.{name}"] = (scales.cpu(), zeros.cpu())
+    restore_linears(block, qlinears)
+
+
+@torch.no_grad()
+def _run_stream(block, x: torch.Tensor, kwargs) -> torch.Tensor:
+    return torch.cat([block_forward(block, x[j : j + 1], kwargs).float() for j in range(x.shape[0])])
+
+
+def calibrate_model(model: nn.Module, adapter: Adapter, windows: torch.Tensor, cfg: CalibConfig,
+                    state: RunState, resume: bool = False, make_let=None, act_quantizer_factory=None) -> CalibResult:
+    """Quantize `model` in place block by block. windows: LongTensor [nsamples, seqlen].
+
+    make_let(block, qlinears, cfg, block_index) -> LET nn.Module or None. It is attached to the block as
+    `LET_ATTR` during calibration and must offer apply_temporary() (set the QuantLinears' temp_weight/temp_bias
+    from the current scales/shifts, before each forward) and fuse() (fold into norms/weights for good);
+    act_quantizer_factory(name) -> activation quantizer module or None (weight-activation runs).
+    """
+    device = torch.device(cfg.device)
+    spec = WeightQuantSpec(cfg.wbits, cfg.group_size, cfg.symmetric)
+    blocks = adapter.blocks(model)
+    done = state.open(resume)
+    fp_inps, kwargs = capture_block_inputs(model, blocks, windows, device)
+    fp_inps = fp_inps.to(device)
+    q_inps = fp_inps.clone()
+    kwargs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    result = CalibResult()
+    kill_after = os.environ.get("OMNIQUANT_TEST_KILL_AFTER_BLOCK")  # test hook: simulate a crash
+    for i in tqdm(range(len(blocks)), desc="blocks"):
+        block = blocks[i].to(device)
+        block.requires_grad_(False)
+        prefix = f"{adapter.blocks_path}.{i}"
+        fp_outs = _run_stream(block, fp_inps, kwargs)
+        aug_outs = _run_stream(block, q_inps, kwargs) if cfg.aug_loss else None
+        qlinears = replace_linears(
+            block, adapter.linears,
+            lambda lin: QuantLinear(lin, spec, lwc=cfg.lwc),
+        )
+        if act_quantizer_factory is not None:
+            for name, q in qlinears.items():
+                q.act_quantizer = act_quantizer_factory(name)
+        let = make_let(block, qlinears, cfg, i) if make_let is not None else None
+        if let is not None:
+            setattr(block, LET_ATTR, let)
+        if i < done:
+            learned, log = state.load_block(i)
+            _set_learned(block, learned)
+        else:
+            log = _train_block(block, q_inps, fp_outs, aug_outs, kwargs, cfg, let, f"block {i}")
+        if i >= done:
+            state.save_block(i, _learned(block), log)
+        _fuse(block, qlinears, let, prefix, result)
+        log = {"block": i, **log}
+        result.block_log.append(log)
+        q_inps = _run_stream(block, q_inps, kwargs)
+        fp_inps = fp_outs
+        blocks[i] = block.to("cpu") if device.type != "cpu" else block
+        if kill_after is not None and int(kill_after) == i:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return result

@@ -1,0 +1,121 @@
+"""Calibrate an HF checkpoint with OmniQuant and write the fake-quant checkpoint (library entry point)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from omniquant.blockwise import RunState, calibrate_model
+from omniquant.config import SUPPORTED_ABITS, CalibConfig
+from omniquant.data import load_tokens, sample_windows
+from omniquant.errors import UserError
+from omniquant.export import save_fakequant
+from omniquant.models import get_adapter
+from omniquant.quant.spec import SUPPORTED_WBITS
+
+
+def validate(cfg: CalibConfig) -> None:
+    if cfg.wbits not in SUPPORTED_WBITS:
+        raise UserError(f"--wbits must be one of {', '.join(map(str, SUPPORTED_WBITS))}, got {cfg.wbits}")
+    if cfg.group_size != -1 and cfg.group_size <= 0:
+        raise UserError(f"--group-size must be a positive integer (or -1 for per-channel), got {cfg.group_size}")
+    if cfg.abits not in SUPPORTED_ABITS:
+        raise UserError(f"--abits must be one of {', '.join(map(str, SUPPORTED_ABITS))}, got {cfg.abits}")
+    if cfg.kv_bits not in SUPPORTED_ABITS:
+        raise UserError(f"--kv-bits must be one of {', '.join(map(str, SUPPORTED_ABITS))}, got {cfg.kv_bits}")
+    for name in ("epochs", "nsamples", "seqlen", "batch_size"):
+        if getattr(cfg, name) < (0 if name == "epochs" else 1):
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.nsamples % cfg.batch_size:
+        raise UserError(f"--nsamples ({cfg.nsamples}) must be a multiple of --batch-size ({cfg.batch_size})")
+
+
+def resolve_model(model: str | Path) -> Path:
+    """A checkpoint directory, or a known name (see omniquant.real_model.KNOWN_MODELS) prepared on first use."""
+    p = Path(model)
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise UserError(f"model directory {p} has no config.json (not a Hugging Face checkpoint)")
+        return p
+    try:
+        from omniquant.real_model import KNOWN_MODELS
+    except ImportError:
+        KNOWN_MODELS = {}
+    if str(model) in KNOWN_MODELS:
+        return Path(KNOWN_MODELS[str(model)]())
+    known = f" (or a known name: {', '.join(KNOWN_MODELS)})" if KNOWN_MODELS else ""
+    raise UserError(f"model path {model} does not exist{known}")
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    if output.exists():
+        qc = output / "quant_config.json"
+        what = ""
+        if qc.exists():
+            try:
+                c = json.loads(qc.read_text())
+                what = f" (it holds a {c.get('method')} w{c.get('wbits')} g{c.get('group_size')} run)"
+            except (OSError, ValueError):
+                what = " (with an unreadable quant_config.json)"
+        if not overwrite:
+            raise UserError(f"output {output} already exists{what}; choose another --output or pass --overwrite")
+    parent = output.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"output {output} is not writable (no write permission in {parent})")
+
+
+def calibrate_checkpoint(model_path, output, *, overwrite: bool = False, resume: str | Path | None = None,
+                         **settings) -> Path:
+    """Calibrate `model_path` with CalibConfig(**settings) and write the fake-quant checkpoint to `output`.
+
+    Learned parameters are kept per block in `resume` (default `<output>.state`) until the export succeeds.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    cfg = CalibConfig(**settings)
+    validate(cfg)
+    model_path = resolve_model(model_path)
+    output = Path(output)
+    check_output(output, overwrite)
+    hf_config = AutoConfig.from_pretrained(model_path)
+    adapter = get_adapter(hf_config.model_type)
+    if cfg.let and not adapter.let_sites:
+        raise UserError(f"--let: the {adapter.name} adapter declares no LET sites")
+    torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokens = load_tokens(tokenizer, cfg.calib_data, split="calib")
+    windows = sample_windows(tokens, cfg.nsamples, cfg.seqlen, cfg.seed)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model.eval()
+    model.config.use_cache = False
+
+    state = RunState(Path(resume) if resume else output.with_name(output.name + ".state"), cfg, model_path)
+    make_let = act_factory = None
+    if cfg.let or cfg.abits < 16 or cfg.kv_bits < 16:
+        from omniquant.weight_act import setup_weight_act  # LET + activation quantization (its own module)
+
+        make_let, act_factory = setup_weight_act(model, adapter, windows, cfg, state.path)
+    t0 = time.time()
+    result = calibrate_model(model, adapter, windows, cfg, state, resume=resume is not None,
+                             make_let=make_let, act_quantizer_factory=act_factory)
+    wall = time.time() - t0
+    nan_blocks = [b["block"] for b in result.block_log if b.get("nan")]
+    quant_config = {
+        "wbits": cfg.wbits, "abits": cfg.abits, "kv_bits": cfg.kv_bits, "group_size": cfg.group_size,
+        "symmetric": cfg.symmetric, "lwc": cfg.lwc, "let": cfg.let,
+        "model_type": hf_config.model_type, "source_model": str(model_path),
+        "calibration": {**cfg.to_dict(), "wall_time_s": round(wall, 2), "nan_blocks": nan_blocks,
+                        "block_log": result.block_log},
+    }
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    save_fakequant(model, tokenizer, result.qparams, quant_config, output, overwrite=overwrite)
+    shutil.rmtree(state.path, ignore_errors=True)
+    return output

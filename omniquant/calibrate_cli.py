@@ -1,0 +1,52 @@
+"""OmniQuant calibration: learn LWC (and LET) block by block, write a fake-quant checkpoint + quant sidecar.
+
+Flag names follow the official OmniQuant main.py (wbits, abits, group_size, lwc, let, epochs, nsamples, aug_loss,
+symmetric, resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from omniquant.config import CalibConfig
+
+D = CalibConfig()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF checkpoint directory, or a known name (smollm2)")
+    p.add_argument("--output", required=True, help="directory for the fake-quant checkpoint (must not exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--calib-data", default=D.calib_data,
+                   help="text file, folder of .txt, comma-separated list, or wikitext2/c4/ptb (datasets cache)")
+    p.add_argument("--wbits", type=int, default=D.wbits, help="weight bits: 2, 3, 4, 6 or 8")
+    p.add_argument("--abits", type=int, default=D.abits, help="activation bits: 4, 6, 8 or 16 (16 = weight-only)")
+    p.add_argument("--kv-bits", type=int, default=D.kv_bits, help="KV-cache bits (16 = not quantized)")
+    p.add_argument("--group-size", "--group_size", type=int, default=D.group_size,
+                   help="weights per quantization group along the input dim; -1 = per output channel")
+    p.add_argument("--symmetric", action="store_true", help="symmetric (MLC-style, zero = 2^(b-1)-1)")
+    p.add_argument("--no-lwc", dest="lwc", action="store_false", help="disable Learnable Weight Clipping")
+    p.add_argument("--let", action="store_true", help="Learnable Equivalent Transformation (weight-activation runs)")
+    p.add_argument("--alpha", type=float, default=D.alpha, help="SmoothQuant-style LET scale init exponent")
+    p.add_argument("--epochs", type=int, default=D.epochs, help="passes over the calibration windows per block (0 = no training)")
+    p.add_argument("--nsamples", type=int, default=D.nsamples, help="number of calibration windows")
+    p.add_argument("--seqlen", type=int, default=D.seqlen, help="tokens per calibration window")
+    p.add_argument("--batch-size", type=int, default=D.batch_size)
+    p.add_argument("--lwc-lr", type=float, default=D.lwc_lr)
+    p.add_argument("--let-lr", type=float, default=D.let_lr)
+    p.add_argument("--wd", type=float, default=D.wd, help="AdamW weight decay")
+    p.add_argument("--aug-loss", "--aug_loss", action="store_true",
+                   help="also match the fp block's output on the quantized input stream")
+    p.add_argument("--seed", type=int, default=D.seed)
+    p.add_argument("--device", default=D.device, help="cpu or cuda (bf16 autocast + grad scaler on cuda)")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue an interrupted run from its state directory (default location: OUTPUT.state)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from omniquant.calibrate import calibrate_checkpoint
+
+    settings = {k: getattr(args, k) for k in CalibConfig().to_dict()}
+    out = calibrate_checkpoint(args.model, args.output, overwrite=args.overwrite, resume=args.resume, **settings)
+    print(f"wrote fake-quant checkpoint to {out}")
+    return 0

@@ -1,0 +1,44 @@
+"""Calibration settings as data (names follow the official OmniQuant `main.py` flags)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+SUPPORTED_ABITS = (4, 6, 8, 16)
+
+
+@dataclass
+class CalibConfig:
+    wbits: int = 4
+    abits: int = 16
+    kv_bits: int = 16
+    group_size: int = 128  # -1: per output channel
+    symmetric: bool = False
+    lwc: bool = True
+    let: bool = False
+    epochs: int = 20
+    nsamples: int = 128
+    seqlen: int = 2048
+    batch_size: int = 1
+    lwc_lr: float = 1e-2
+    let_lr: float = 5e-3
+    wd: float = 0.0
+    alpha: float = 0.5
+    aug_loss: bool = False
+    calib_data: str = "wikitext2"
+    seed: int = 2
+    device: str = "cpu"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CalibConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def run_identity(self) -> dict:
+        """Fields that must match for a resumed run to continue an earlier one (device may differ)."""
+        d = self.to_dict()
+        d.pop("device")
+        return d

@@ -1,0 +1,56 @@
+"""Perplexity on local text or a named dataset (non-overlapping windows, GPTQ/OmniQuant convention); prints and writes JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from omniquant.errors import UserError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF or fake-quant checkpoint dir (torch), or packed weights dir (tvm)")
+    p.add_argument("--data", default="wikitext2", help="text file, folder, comma list, or wikitext2/c4/ptb")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--engine", choices=("torch", "tvm"), default="torch")
+    p.add_argument("--lib", default=None, help="compiled model library (engine tvm)")
+    p.add_argument("--json", default=None, help="write the result here as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from omniquant.data import load_tokens
+    from omniquant.ppl import perplexity
+
+    model_dir = Path(args.model)
+    if not model_dir.is_dir():
+        raise UserError(f"model path {model_dir} does not exist")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokens = load_tokens(tokenizer, args.data, split="eval")
+    if tokens.numel() < args.seqlen:
+        raise UserError(f"--data has {tokens.numel()} tokens, fewer than one window of --seqlen {args.seqlen}")
+    t0 = time.time()
+    if args.engine == "torch":
+        from omniquant.load import load_quantized
+
+        model = load_quantized(model_dir)
+        ppl = perplexity(model, tokens, args.seqlen, args.max_windows)
+    else:
+        if not args.lib:
+            raise UserError("--engine tvm needs --lib (a library from `omniquant compile`)")
+        from mlc_schemes.engine import tvm_perplexity
+
+        ppl = tvm_perplexity(model_dir, args.lib, tokens, args.seqlen, args.max_windows)
+    n_windows = min(tokens.numel() // args.seqlen, args.max_windows or 10**9)
+    result = {"model": str(model_dir), "engine": args.engine, "data": args.data, "seqlen": args.seqlen,
+              "windows": n_windows, "ppl": ppl, "seconds": round(time.time() - t0, 2),
+              "torch_threads": torch.get_num_threads()}
+    print(f"perplexity {ppl:.4f}  ({n_windows} windows x {args.seqlen} tokens, engine {args.engine})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0

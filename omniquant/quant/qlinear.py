@@ -1,0 +1,59 @@
+"""A linear layer that runs with a fake-quantized weight during calibration.
+
+The full-precision weight stays frozen; only the quantizer's parameters (LWC logits) learn. Before a forward, the
+block-level LET code may set `temp_weight` / `temp_bias` (the transformed weight); otherwise the frozen weight is used.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omniquant.quant.lwc import LWCQuantizer
+from omniquant.quant.spec import WeightQuantSpec
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, linear: nn.Linear, spec: WeightQuantSpec, lwc: bool = True, act_quantizer: nn.Module | None = None):
+        super().__init__()
+        self.linear = linear
+        self.linear.requires_grad_(False)
+        self.wquant = LWCQuantizer(tuple(linear.weight.shape), spec, lwc=lwc)
+        self.act_quantizer = act_quantizer
+        self.temp_weight: torch.Tensor | None = None
+        self.temp_bias: torch.Tensor | None = None
+        self.quantize_weight = True
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.temp_weight if self.temp_weight is not None else self.linear.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.temp_bias if self.temp_bias is not None else self.linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_quantizer is not None:
+            x = self.act_quantizer(x)
+        w = self.wquant(self.weight) if self.quantize_weight else self.weight
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+def replace_linears(block: nn.Module, names, make) -> dict[str, QuantLinear]:
+    """Swap each named nn.Linear of `block` for make(linear); returns {name: new module}."""
+    out = {}
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = block.get_submodule(parent_name) if parent_name else block
+        out[name] = make(getattr(parent, attr))
+        setattr(parent, attr, out[name])
+    return out
+
+
+def restore_linears(block: nn.Module, qlinears: dict[str, QuantLinear]) -> None:
+    """Put the plain nn.Linear back (after its weight was overwritten with the fused, fake-quant weight)."""
+    for name, q in qlinears.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = block.get_submodule(parent_name) if parent_name else block
+        setattr(parent, attr, q.linear)
