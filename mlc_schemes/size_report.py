@@ -1,0 +1,48 @@
+"""Bytes on disk and effective bits per weight of a packed weights directory.
+
+    linear bits/weight = 8 * (bytes of q_weight + q_scale + q_zero of the quantized linears) / (sum of N * K)
+    overall bits/param = 8 * (bytes of all stored tensors) / (parameter count of the unquantized model)
+
+Two yardsticks: the nominal `bits + 32 / group_size` (3.25 for w3g128asym) and the layout's own cost for these
+exact shapes (int3 packs 10 codes per 32-bit word, 3.2 bits/code; a partial last group still stores a full
+scale + zero). Measured bytes must equal the layout figure; the nominal ratio shows the layout's overhead.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mlc_schemes.unpack import load_packed, scheme_of
+from mlc_schemes.weights_dir import shard_files
+
+
+def size_report(directory: str | Path) -> dict:
+    """Sizes measured from the stored arrays and the files on disk, plus the scheme's theory for comparison."""
+    directory = Path(directory)
+    chat_config, params = load_packed(directory, verify=False)
+    scheme = scheme_of(chat_config)
+    linears = chat_config["quantization_config"]["quantized_linears"]
+    lin_weights = sum(n * k for n, k in linears.values())
+    lin_bytes = sum(params[f"{name}.{s}"].nbytes for name in linears for s in ("q_weight", "q_scale", "q_zero")
+                    if f"{name}.{s}" in params)
+    nominal_bytes = lin_weights * scheme.nominal_bits_per_weight() / 8
+    layout_bytes = sum(n * k * scheme.layout_bits_per_weight(k) / 8 for n, k in linears.values())
+    meta = json.loads((directory / "tensor-cache.json").read_text())["metadata"]
+    shards = shard_files(directory)
+    files = [p for p in directory.iterdir() if p.is_file()]
+    return {
+        "scheme": scheme.name,
+        "shards": len(shards),
+        "shard_bytes": sum(p.stat().st_size for p in shards),
+        "dir_bytes": sum(p.stat().st_size for p in files),
+        "param_bytes": meta["ParamBytes"],
+        "bits_per_param": meta["BitsPerParam"],
+        "linear_weights": lin_weights,
+        "linear_bytes": lin_bytes,
+        "linear_bits_per_weight": 8 * lin_bytes / max(lin_weights, 1),
+        "nominal_bits_per_weight": scheme.nominal_bits_per_weight(),
+        "linear_vs_nominal": lin_bytes / nominal_bytes if nominal_bytes else float("nan"),
+        "layout_bits_per_weight": 8 * layout_bytes / max(lin_weights, 1),
+        "linear_vs_layout": lin_bytes / layout_bytes if layout_bytes else float("nan"),
+    }

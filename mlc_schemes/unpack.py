@@ -1,0 +1,90 @@
+"""Read a packed weights directory back: verified numpy params, dequantized HF state dict, and an HF model.
+
+`unpack_to_hf(dir)` proves the chain without TVM: its quantized linears are bit-identical to the fake-quant
+checkpoint's; the other tensors went through float16 (exactly the fake-quant model with those rounded to fp16).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from mlc_schemes.chat_config import hf_config_from_model_config
+from mlc_schemes.packing import dequantize, unpack_codes
+from mlc_schemes.schemes import QuantScheme, scheme_from_json
+from mlc_schemes.weights_dir import CHAT_CONFIG, read_tensor_cache
+from omniquant.errors import UserError
+
+
+def _check_linears(params: dict[str, np.ndarray], scheme: QuantScheme, linears: dict[str, list[int]]) -> None:
+    for name, (n, k) in linears.items():
+        want = {"q_weight": ("uint32", (n, scheme.num_words(k))), "q_scale": ("float16", (n, scheme.num_groups(k)))}
+        if scheme.stores_zero:
+            want["q_zero"] = ("float16", (n, scheme.num_groups(k)))
+        for suffix, (dtype, shape) in want.items():
+            arr = params.get(f"{name}.{suffix}")
+            if arr is None:
+                raise UserError(f"packed weights lack {name}.{suffix}")
+            if str(arr.dtype) != dtype or arr.shape != shape:
+                raise UserError(f"{name}.{suffix} is {arr.dtype}{list(arr.shape)}, expected {dtype}{list(shape)}")
+
+
+def load_packed(directory: str | Path, verify: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+    """(mlc-chat-config dict, name -> numpy array as stored, read-only) of a packed directory.
+
+    Shard sizes are always checked, md5 sums unless `verify=False`.
+    Also checks that every quantized linear named in the config has its q_weight / q_scale (/ q_zero) with the
+    dtype and shape the scheme implies.
+    """
+    directory = Path(directory)
+    cfg_path = directory / CHAT_CONFIG
+    if not cfg_path.is_file():
+        raise UserError(f"{directory} is not a packed weights directory (no {CHAT_CONFIG})")
+    chat_config = json.loads(cfg_path.read_text())
+    params, _ = read_tensor_cache(directory, verify=verify)
+    qc = chat_config.get("quantization_config") or {}
+    _check_linears(params, scheme_from_json(qc), qc.get("quantized_linears", {}))
+    return chat_config, params
+
+
+def scheme_of(chat_config: dict) -> QuantScheme:
+    """The scheme a packed directory was written with (from its `quantization_config`)."""
+    return scheme_from_json(chat_config["quantization_config"])
+
+
+def dequantize_linear(params: dict[str, np.ndarray], name: str, k: int, scheme: QuantScheme) -> np.ndarray:
+    """float32 weight [N, K] of quantized linear `name` from its packed params."""
+    codes = unpack_codes(params[f"{name}.q_weight"], scheme.bits, k)
+    zero = params[f"{name}.q_zero"] if scheme.stores_zero else scheme.fixed_zero
+    return dequantize(codes, params[f"{name}.q_scale"], zero, scheme.group_width(k))
+
+
+def dequantized_state_dict(chat_config: dict, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """HF-named float32 state dict: quantized linears dequantized, everything else widened from float16."""
+    scheme = scheme_of(chat_config)
+    linears = chat_config["quantization_config"]["quantized_linears"]
+    owned = {f"{name}.{s}" for name in linears for s in ("q_weight", "q_scale", "q_zero")}
+    state = {name: arr.astype(np.float32) for name, arr in params.items() if name not in owned}
+    for name, (_, k) in linears.items():
+        state[f"{name}.weight"] = dequantize_linear(params, name, k, scheme)
+    return state
+
+
+def unpack_to_hf(directory: str | Path, verify: bool = True):
+    """A float32 `transformers` causal LM rebuilt from a packed directory (eval mode)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    chat_config, params = load_packed(directory, verify=verify)
+    hf = hf_config_from_model_config(chat_config["model_config"])
+    config = AutoConfig.for_model(hf.pop("model_type"), **hf)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {k: torch.from_numpy(v) for k, v in dequantized_state_dict(chat_config, params).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise UserError(f"packed weights do not fit {config.model_type}: missing {sorted(set(missing) - tied)[:3]}, "
+                        f"unexpected {sorted(unexpected)[:3]}")
+    return model.eval()
