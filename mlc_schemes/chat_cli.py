@@ -1,0 +1,149 @@
+"""Chat with a compiled model, or measure it: prefill / decode tok/s and peak memory (`--evaluate`).
+
+Interactive commands: `/stats` (speed of the last reply), `/reset` (forget the conversation), `/exit`.
+`--random-weights --preset llama2-7b --scheme w4a16g128asym --target cuda` compiles and measures a model of a real
+model's shapes with random weights (nothing downloaded). Numbers use the compiled library's compute dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from omniquant.errors import UserError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="packed weights dir (with its tokenizer)")
+    p.add_argument("--lib", help="model library from `omniquant compile` (with --random-weights: reuse/keep it)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass when temperature > 0")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", help="answer this one prompt and exit (non-interactive)")
+    p.add_argument("--evaluate", action="store_true", help="measure prefill/decode speed and peak memory, then exit")
+    p.add_argument("--eval-prompt-len", type=int, default=128)
+    p.add_argument("--eval-gen-len", type=int, default=256)
+    p.add_argument("--json", help="write the --evaluate numbers here")
+    p.add_argument("--random-weights", action="store_true", help="random weights of --preset's shapes (implies --evaluate)")
+    p.add_argument("--preset", default="llama2-7b", help="llama2-7b, llama3-8b or smollm2-135m (with --random-weights)")
+    p.add_argument("--scheme", default="w4a16g128asym", help="scheme for --random-weights ('none' = fp16 dense)")
+    p.add_argument("--target", default="llvm", help="target for --random-weights: llvm or cuda")
+    p.add_argument("--cuda-arch", default="sm_80")
+    p.add_argument("--dtype", choices=("float16", "float32"), default=None, help="compute dtype (--random-weights)")
+
+
+def _evaluate(engine, prompt_len: int, gen_len: int, seed: int) -> dict:
+    import numpy as np
+
+    if prompt_len + gen_len > engine.context:
+        raise UserError(f"--eval-prompt-len {prompt_len} + --eval-gen-len {gen_len} exceed the context window "
+                        f"{engine.context}")
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, engine.vocab, prompt_len)
+    # Warm-up (first calls load/compile kernels, allocate pages); then a measured run on a fresh cache.
+    engine.reset()
+    engine.generate_ids(ids[: min(16, prompt_len)], 4, stop_on_eos=False)
+    engine.reset()
+    engine.reset_stats()
+    engine.generate_ids(ids, gen_len, stop_on_eos=False)
+    st = engine.stats.as_dict()
+    # generate_ids decodes gen_len - 1 steps (the first new token comes from the prefill logits).
+    return {"target": engine.meta["target"], "dtype": engine.dtype, "quantization": engine.meta["quantization"],
+            "prompt_len": prompt_len, "gen_len": gen_len, "prefill_tok_per_s": st["prefill_tok_per_s"],
+            "decode_tok_per_s": st["decode_tok_per_s"], **engine.memory_report()}
+
+
+def _interactive(engine, args) -> int:
+    try:
+        import readline  # noqa: F401 - line editing and history for input()
+    except ImportError:
+        pass
+    tok = engine.tokenizer
+    print("chat: /stats, /reset, /exit", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print()
+            return 0
+        cmd = line.strip()
+        if cmd == "/exit":
+            return 0
+        if cmd == "/reset":
+            engine.reset()
+            print("(conversation reset)")
+            continue
+        if cmd == "/stats":
+            print(json.dumps(engine.stats.as_dict() | engine.memory_report()))
+            continue
+        if not cmd:
+            continue
+        _reply(engine, tok, line, args)
+
+
+def _prompt_ids(tok, text: str, first: bool) -> list[int]:
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True,
+                                       return_dict=False)
+    return tok(text, add_special_tokens=first)["input_ids"]
+
+
+def _reply(engine, tok, text: str, args) -> None:
+    ids = _prompt_ids(tok, text, engine.seq_len == 0)
+    engine.reset_stats()
+    new: list[int] = []
+    printed = 0
+
+    def on_token(t):
+        nonlocal printed
+        new.append(t)
+        s = tok.decode(new, skip_special_tokens=True)
+        sys.stdout.write(s[printed:])
+        sys.stdout.flush()
+        printed = len(s)
+
+    engine.generate_ids(ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                        on_token=on_token)
+    print()
+
+
+def run(args: argparse.Namespace) -> int:
+    from mlc_schemes.engine import Engine
+
+    if args.random_weights:
+        from mlc_schemes.compile import compile_packed, read_library_meta_if_fits
+        from mlc_schemes.random_model import random_packed_model
+
+        pm, params = random_packed_model(args.preset, args.scheme, seed=args.seed,
+                                         context=args.eval_prompt_len + args.eval_gen_len + 16)
+        lib = Path(args.lib) if args.lib else Path(tempfile.mkdtemp(prefix="omq-rand-")) / (
+            f"{args.preset}-{args.scheme}-{args.target}" + (".so"))
+        if not read_library_meta_if_fits(lib, pm):
+            print(f"compiling {args.preset} ({args.scheme}) for {args.target} -> {lib}", file=sys.stderr)
+            compile_packed(pm, args.target, lib, arch=args.cuda_arch, dtype=args.dtype)
+        engine = Engine(pm, lib, params=params)
+        args.evaluate = True
+    else:
+        if not args.model or not args.lib:
+            raise UserError("--model and --lib are required (or use --random-weights)")
+        if not Path(args.model).is_dir():
+            raise UserError(f"weights dir {args.model} does not exist")
+        engine = Engine(args.model, args.lib)
+    if args.evaluate:
+        res = _evaluate(engine, args.eval_prompt_len, args.eval_gen_len, args.seed)
+        res["threads"] = os.environ.get("TVM_NUM_THREADS", str(os.cpu_count()))
+        print(f"prefill {res['prefill_tok_per_s']} tok/s, decode {res['decode_tok_per_s']} tok/s, "
+              f"peak RSS {res['peak_rss_mib']} MiB" + (f", cuda used {res.get('cuda_used_mib')} MiB"
+                                                        if res["target"] == "cuda" else ""))
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=2))
+        return 0
+    if args.prompt is not None:
+        _reply(engine, engine.tokenizer, args.prompt, args)
+        return 0
+    return _interactive(engine, args)

@@ -1,0 +1,253 @@
+"""Compile a packed weights dir (docs/formats.md §2) into a model library for llvm / cuda / metal / webgpu.
+
+Output: the library file (`.so` for llvm and cuda, `.tar` of objects for metal and webgpu) plus a side file
+`<library>.json` holding the fingerprint (sha256 of model_config + scheme + parameter names/shapes/dtypes), the
+target and the compute dtype; `mlc_schemes.engine` checks the fingerprint against the weights dir at load.
+Both files are written to temporary siblings and renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from omniquant.errors import UserError
+
+TARGETS = ("llvm", "cuda", "metal", "webgpu", "vulkan")
+CUDA_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
+LIB_SUFFIX = {"llvm": ".so", "cuda": ".so", "metal": ".tar", "webgpu": ".tar"}
+CHAT_CONFIG = "mlc-chat-config.json"
+TENSOR_CACHE = "tensor-cache.json"
+META_SUFFIX = ".json"
+CUBIN_SUFFIX = ".cubin"
+# Dense tensors may be widened from the stored float16 to the compute dtype at load; packed ones never change.
+_PACKED_SUFFIXES = (".q_weight", ".q_scale", ".q_zero")
+
+
+@dataclass
+class PackedModel:
+    """What the compiler reads from a packed dir: chat config, scheme (None = unquantized) and tensor records."""
+
+    path: Path
+    chat: dict
+    scheme: object | None
+    quantized: set[str]
+    records: dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, stored dtype)
+
+
+def read_packed_model(path: str | Path) -> PackedModel:
+    """Parse `mlc-chat-config.json` and `tensor-cache.json` (records only; shards are not read)."""
+    path = Path(path)
+    for name in (CHAT_CONFIG, TENSOR_CACHE):
+        if not (path / name).is_file():
+            raise UserError(f"{path} is not a packed weights directory: missing {name}")
+    chat = json.loads((path / CHAT_CONFIG).read_text())
+    cache = json.loads((path / TENSOR_CACHE).read_text())
+    records = {r["name"]: (tuple(r["shape"]), r["dtype"]) for shard in cache["records"] for r in shard["records"]}
+    qcfg = chat.get("quantization_config") or {}
+    scheme, quantized = None, set()
+    if qcfg.get("quantized_linears"):
+        from mlc_schemes.schemes import scheme_from_json
+
+        scheme = scheme_from_json(qcfg)
+        quantized = set(qcfg["quantized_linears"])
+    return PackedModel(path, chat, scheme, quantized, records)
+
+
+def fingerprint(pm: PackedModel) -> str:
+    """sha256 over model_config, scheme fields and every parameter's (name, shape, stored dtype)."""
+    qcfg = {k: v for k, v in (pm.chat.get("quantization_config") or {}).items() if k != "calibration"}
+    blob = json.dumps({"model_config": pm.chat["model_config"], "quantization": pm.chat.get("quantization"),
+                       "quantization_config": qcfg, "params": sorted([n, list(s), d] for n, (s, d) in pm.records.items())},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def host_cpu() -> str:
+    """LLVM name of this machine's CPU (e.g. "rocketlake"); decode is ~10x slower without it."""
+    import tvm
+
+    return tvm.target.codegen.llvm_get_system_cpu()
+
+
+def make_target(kind: str, arch: str = "sm_80"):
+    """A tvm Target for `kind` (dict form; TVM 0.27 rejects option strings)."""
+    import tvm
+
+    if kind == "vulkan":
+        raise UserError("target vulkan: this TVM build (apache-tvm 0.27.0.post1 from PyPI) has no Vulkan codegen "
+                        "(target.build.vulkan is missing); use cuda, metal, webgpu or llvm")
+    if kind not in LIB_SUFFIX:
+        raise UserError(f"unsupported target {kind!r}; choose one of {', '.join(t for t in TARGETS if t != 'vulkan')}")
+    if kind == "llvm":
+        return tvm.target.Target({"kind": "llvm", "mcpu": host_cpu()})
+    # Device libraries run on other machines: a generic host CPU, never this machine's.
+    if kind == "cuda":
+        if arch not in CUDA_ARCHS:
+            raise UserError(f"unsupported cuda arch {arch!r}; choose one of {', '.join(CUDA_ARCHS)}")
+        return tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "llvm"})
+    if kind == "metal":
+        return tvm.target.Target({"kind": "metal"}, host={"kind": "llvm", "mtriple": "arm64-apple-macos"})
+    return tvm.target.Target({"kind": "webgpu"}, host={"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"})
+
+
+def build_module(pm: PackedModel, target, dtype: str):
+    """Export the relax IRModule of the model; checks its parameters against the packed records."""
+    from mlc_schemes.model.llama import LlamaConfig, LlamaForCausalLM
+
+    try:
+        cfg = LlamaConfig.from_chat_config(pm.chat)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    backend = "cpu" if target.kind.name == "llvm" else "gpu"
+    model = LlamaForCausalLM(cfg, pm.scheme, pm.quantized, dtype, backend, target)
+    mod, named_params, _ext = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
+    expected = {name: (tuple(int(x) for x in p.shape), p.dtype) for name, p in named_params}
+    problems = []
+    for name, (shape, dt) in expected.items():
+        if name not in pm.records:
+            problems.append(f"missing {name}")
+            continue
+        rshape, rdt = pm.records[name]
+        if rshape != shape or (rdt != dt and (name.endswith(_PACKED_SUFFIXES) or rdt not in ("float16", "float32"))):
+            problems.append(f"{name}: packed {rdt}{list(rshape)}, model needs {dt}{list(shape)}")
+    extra = sorted(set(pm.records) - set(expected))
+    if extra:
+        problems.append(f"unused tensors {extra[:5]}")
+    if problems:
+        raise UserError(f"packed weights in {pm.path} do not fit the model: " + "; ".join(problems[:6]))
+    return mod, [name for name, _ in named_params]
+
+
+def _gpu_schedule(mod, target):
+    """Legalize, fuse and schedule with dlight. The matmul rule runs under a pre-tensor-core target because dlight
+    `gpu.Matmul` segfaults on fp16 matmuls with symbolic M for sm_70+ (see ../shared/notes/tvm-0.27.md)."""
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import dlight as dl
+
+    safe = tvm.target.Target({"kind": "cuda", "arch": "sm_61"}) if target.kind.name == "cuda" else \
+        tvm.target.Target({"kind": "webgpu"})
+    with target:
+        mod = tvm.transform.Sequential([relax.backend.DispatchSampling(), relax.backend.DispatchSortScan(),
+                                        relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                        relax.transform.FoldConstant(), relax.transform.FuseOps(),
+                                        relax.transform.FuseTIR()])(mod)
+        mod = dl.ApplyDefaultSchedule(dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction())(mod)
+    with safe:
+        mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul())(mod)
+    with target:
+        mod = dl.ApplyDefaultSchedule(dl.gpu.Fallback())(mod)
+    return mod
+
+
+def compile_packed(packed_dir: str | Path, target_kind: str, output: str | Path, *, arch: str = "sm_80",
+                   dtype: str | None = None, aot_cubin: bool | None = None) -> dict:
+    """Compile `packed_dir` for `target_kind` into `output`; returns the metadata written beside it.
+
+    dtype: compute dtype, "float16" (deployment default) or "float32" (exact mode; llvm only is sensible).
+    aot_cubin: cuda only; compile the kernels to cubin with nvcc now (default: when nvcc is on PATH) instead of
+    shipping CUDA source compiled by NVRTC at load time.
+    """
+    import shutil
+
+    import tvm
+
+    output = Path(output)
+    target = make_target(target_kind, arch)
+    dtype = dtype or "float16"
+    if dtype not in ("float16", "float32"):
+        raise UserError(f"unsupported compute dtype {dtype!r}; choose float16 or float32")
+    suffix = LIB_SUFFIX[target_kind]
+    if output.suffix != suffix:
+        raise UserError(f"a {target_kind} library is written as {suffix}; got output {output}")
+    pm = packed_dir if isinstance(packed_dir, PackedModel) else read_packed_model(packed_dir)
+    t0 = time.time()
+    mod, param_names = build_module(pm, target, dtype)
+    if target.kind.name != "llvm":
+        mod = _gpu_schedule(mod, target)
+    ex = tvm.compile(mod, target)
+    cubin = None
+    if target_kind == "cuda" and (aot_cubin if aot_cubin is not None else shutil.which("nvcc") is not None):
+        cubin = _aot_cubin(ex, arch)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.stem}.tmp-{os.getpid()}{suffix}")
+    try:
+        ex.export_library(str(tmp))
+        if tmp.stat().st_size == 0:
+            raise UserError(f"compiler wrote an empty library for {target_kind}")
+        meta = {
+            "fingerprint": fingerprint(pm), "target": target_kind, "target_str": str(target),
+            "arch": arch if target_kind == "cuda" else None, "dtype": dtype, "model_type": pm.chat.get("model_type"),
+            "quantization": pm.chat.get("quantization") if pm.scheme else "none", "param_names": param_names,
+            "context_window_size": pm.chat.get("context_window_size"),
+            "prefill_chunk_size": pm.chat.get("prefill_chunk_size"),
+            "compile_seconds": round(time.time() - t0, 2), "tvm_version": tvm.__version__,
+            "cuda_source_sha256": cubin[0] if cubin else None,
+        }
+        meta_tmp = tmp.with_name(tmp.name + META_SUFFIX)
+        meta_tmp.write_text(json.dumps(meta, indent=1))
+        cubin_tmp = tmp.with_name(tmp.name + CUBIN_SUFFIX)
+        if cubin:
+            cubin_tmp.write_bytes(cubin[1])
+            os.replace(cubin_tmp, cubin_path(output))
+        os.replace(tmp, output)
+        os.replace(meta_tmp, meta_path(output))
+    finally:
+        for p in (tmp, tmp.with_name(tmp.name + META_SUFFIX), tmp.with_name(tmp.name + CUBIN_SUFFIX)):
+            if p.exists():
+                p.unlink()
+    return meta
+
+
+def read_library_meta_if_fits(lib: str | Path, pm: PackedModel) -> dict | None:
+    """The library's metadata when `lib` exists and was compiled for `pm` (same fingerprint), else None."""
+    mp = meta_path(lib)
+    if not (Path(lib).is_file() and mp.is_file()):
+        return None
+    meta = json.loads(mp.read_text())
+    return meta if meta.get("fingerprint") == fingerprint(pm) else None
+
+
+def meta_path(lib: str | Path) -> Path:
+    lib = Path(lib)
+    return lib.with_name(lib.name + META_SUFFIX)
+
+
+def cubin_path(lib: str | Path) -> Path:
+    lib = Path(lib)
+    return lib.with_name(lib.name + CUBIN_SUFFIX)
+
+
+def cuda_sources(ex) -> list[str]:
+    """CUDA C sources of the device modules imported by a compiled executable / loaded library."""
+    mod = ex.mod if hasattr(ex, "mod") else ex
+    out, stack = [], list(mod.imports)
+    while stack:
+        m = stack.pop()
+        if m.kind == "cuda":
+            out.append(m.inspect_source())
+        stack.extend(m.imports)
+    return out
+
+
+def _aot_cubin(ex, arch: str) -> tuple[str, bytes] | None:
+    """nvcc-compile the library's CUDA source for `arch` now -> (sha256 of the source, cubin bytes).
+
+    TVM 0.27 ships CUDA libraries as source compiled at load through the `tvm_callback_cuda_compile` hook; the
+    engine answers that hook with this cubin when the source hash matches, so no NVRTC/nvcc is needed at run time.
+    """
+    from tvm.support import nvcc
+
+    srcs = cuda_sources(ex)
+    if len(srcs) != 1:
+        return None
+    src = srcs[0]
+    with __import__("tvm").target.Target({"kind": "cuda", "arch": arch}):
+        binary = nvcc.compile_cuda(src, "cubin", arch=arch, compiler="nvcc")
+    return hashlib.sha256(src.encode()).hexdigest(), bytes(binary)
+

@@ -1,0 +1,44 @@
+"""Compile a packed weights dir into a TVM model library: `.so` (llvm, cuda) or `.tar` of objects (metal, webgpu).
+
+llvm targets this machine's CPU (its `mcpu`); cuda builds for `--cuda-arch` (sm_80 default, sm_90 for Hopper) and
+embeds nvcc-compiled cubins when nvcc is on PATH (else CUDA source compiled by NVRTC at load); metal writes
+arm64-macOS objects for a Mac to link; webgpu writes WGSL. A `<library>.json` beside the library holds the
+fingerprint the runtime checks against the weights dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from omniquant.errors import UserError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="packed weights dir (output of `omniquant pack`)")
+    p.add_argument("--target", default="llvm", help="llvm (this CPU), cuda, metal or webgpu (vulkan: unsupported)")
+    p.add_argument("--output", required=True,
+                   help="library path: .so for llvm/cuda, .tar for metal/webgpu (a .json sidecar is written beside)")
+    p.add_argument("--cuda-arch", default="sm_80", help="cuda only: sm_80 (A100, default), sm_86, sm_89, sm_90 (H100)")
+    p.add_argument("--dtype", choices=("float16", "float32"), default=None,
+                   help="compute dtype: float16 (deployment default) or float32 (exact mode, matches torch fp32)")
+    p.add_argument("--no-aot", action="store_true", help="cuda only: ship CUDA source (NVRTC at load), skip nvcc")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mlc_schemes.compile import LIB_SUFFIX, TARGETS, compile_packed
+
+    target = args.target.lower()
+    if target not in TARGETS:
+        raise UserError(f"unsupported target {args.target!r}; choose one of llvm, cuda, metal, webgpu")
+    if not Path(args.model).is_dir():
+        raise UserError(f"packed weights dir {args.model} does not exist")
+    out = Path(args.output)
+    if target in LIB_SUFFIX and out.suffix == "":
+        out = out.with_suffix(LIB_SUFFIX[target])
+    meta = compile_packed(args.model, target, out, arch=args.cuda_arch, dtype=args.dtype,
+                          aot_cubin=False if args.no_aot else None)
+    size = out.stat().st_size / 2**20
+    print(f"wrote {out} ({size:.1f} MiB, {meta['target']}, {meta['dtype']}, {meta['quantization']}) "
+          f"in {meta['compile_seconds']:.1f} s")
+    return 0

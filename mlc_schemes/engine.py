@@ -1,0 +1,312 @@
+"""Runtime for a compiled model library: load lib + packed weights, prefill / decode on a paged KV cache, sample.
+
+    eng = Engine(model_dir, lib_path)            # checks the library's fingerprint against the weights dir
+    logits = eng.prefill(ids)                    # float32 [V], last position; KV cache holds the prompt
+    logits = eng.decode(token)                   # one step
+    text, stats = eng.generate("prompt", max_new_tokens=64)
+
+Greedy decoding when temperature == 0, else temperature + top-p (nucleus) sampling with a seeded numpy RNG.
+`tvm_perplexity` scores text through the compiled model with the windowing of `omniquant.ppl.perplexity`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from omniquant.errors import UserError
+
+PAGE_SIZE = 16
+
+
+@dataclass
+class Stats:
+    """Token counts and seconds of the last prefill / decode calls (reset by `Engine.reset_stats`)."""
+
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {
+            "prefill_tokens": self.prefill_tokens, "prefill_seconds": round(self.prefill_seconds, 4),
+            "prefill_tok_per_s": round(self.prefill_tokens / self.prefill_seconds, 2) if self.prefill_seconds else None,
+            "decode_tokens": self.decode_tokens, "decode_seconds": round(self.decode_seconds, 4),
+            "decode_tok_per_s": round(self.decode_tokens / self.decode_seconds, 2) if self.decode_seconds else None,
+            **self.extra,
+        }
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process in MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def read_library_meta(lib_path: str | Path) -> dict:
+    from mlc_schemes.compile import meta_path
+
+    lib_path = Path(lib_path)
+    if not lib_path.is_file():
+        raise UserError(f"model library {lib_path} does not exist")
+    mp = meta_path(lib_path)
+    if not mp.is_file():
+        raise UserError(f"{mp} is missing: it holds the library's fingerprint; recompile with `omniquant compile`")
+    return json.loads(mp.read_text())
+
+
+def _load_cuda_runtime() -> str | None:
+    """TVM's CUDA runtime lives in a separate library that a runtime-only TVM (TVM_USE_RUNTIME_LIB=1) does not
+    load; load it here. Returns why it could not be loaded (e.g. libcudart missing), or None."""
+    import ctypes
+
+    import tvm
+
+    lib = Path(tvm.__file__).parent / "lib" / "libtvm_runtime_cuda.so"
+    if not lib.is_file():
+        return None
+    try:
+        ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+    except OSError as e:
+        return str(e)
+    return None
+
+
+def _device_for(meta: dict):
+    import tvm
+
+    kind = meta["target"]
+    if kind == "llvm":
+        return tvm.cpu(0)
+    if kind == "cuda":
+        why = _load_cuda_runtime()
+        try:
+            dev = tvm.cuda(0)
+            ok = dev.exist
+        except Exception:  # noqa: BLE001 - a runtime without libcuda raises instead of answering False
+            ok = False
+        if not ok:
+            raise UserError("this library was compiled for cuda, but no CUDA GPU (or CUDA driver) is available here"
+                            + (f" ({why})" if why else "") + "; compile with --target llvm to run on the CPU")
+        return dev
+    raise UserError(f"a {kind} library cannot be run by this engine (it is built for another machine); "
+                    "the engine runs llvm and cuda libraries")
+
+
+def _install_cubin_hook(lib_path: Path, meta: dict) -> None:
+    """Answer TVM's load-time `tvm_callback_cuda_compile` with the AOT cubin from `omniquant compile` when its
+    source hash matches; otherwise fall back to TVM's own NVRTC/nvcc compile."""
+    import hashlib
+
+    import tvm_ffi
+    from tvm.support import nvcc
+
+    from mlc_schemes.compile import cubin_path
+
+    cpath = cubin_path(lib_path)
+    cubin = cpath.read_bytes() if cpath.is_file() and meta.get("cuda_source_sha256") else None
+
+    @tvm_ffi.register_global_func("tvm_callback_cuda_compile", override=True)
+    def _hook(code, *_):
+        if cubin is not None and hashlib.sha256(code.encode()).hexdigest() == meta["cuda_source_sha256"]:
+            return bytearray(cubin)
+        return nvcc.tvm_callback_cuda_compile(code)
+
+
+class Engine:
+    """A loaded model: VM, parameters on the device, tokenizer, one sequence in a paged KV cache."""
+
+    def __init__(self, model_dir: str | Path, lib_path: str | Path, *, verify: bool = True,
+                 params: dict[str, np.ndarray] | None = None):
+        import tvm
+        from tvm.runtime.vm import VirtualMachine  # runtime-only import: works with TVM_USE_RUNTIME_LIB=1
+
+        from mlc_schemes.compile import fingerprint, read_packed_model
+
+        from mlc_schemes.compile import PackedModel
+
+        pm = model_dir if isinstance(model_dir, PackedModel) else read_packed_model(model_dir)
+        self.model_dir, self.lib_path = Path(pm.path), Path(lib_path)
+        self.meta = read_library_meta(lib_path)
+        if fingerprint(pm) != self.meta["fingerprint"]:
+            raise UserError(f"library {lib_path} was compiled for another model or scheme than the weights in "
+                            f"{model_dir} (fingerprint mismatch: library {self.meta['fingerprint'][:12]}, "
+                            f"weights {fingerprint(pm)[:12]}); recompile it for these weights")
+        self.chat = pm.chat
+        self.dtype = self.meta["dtype"]
+        self.device = _device_for(self.meta)
+        if params is None:
+            from mlc_schemes.weights_dir import read_tensor_cache
+
+            params, _ = read_tensor_cache(model_dir, verify=verify)
+        self.params = [self._to_device(name, params[name]) for name in self.meta["param_names"]]
+        if self.meta["target"] == "cuda":
+            _install_cubin_hook(self.lib_path, self.meta)
+        self.vm = VirtualMachine(tvm.runtime.load_module(str(lib_path)), self.device)
+        self.context = int(self.meta.get("context_window_size") or self.chat.get("context_window_size") or 2048)
+        self.prefill_chunk = int(self.meta.get("prefill_chunk_size") or self.context)
+        self.vocab = int(self.chat["model_config"]["vocab_size"])
+        eos = self.chat.get("eos_token_id")
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self._tokenizer = None
+        self._f_add = tvm.get_global_func("vm.builtin.kv_state_add_sequence")
+        self._f_begin = tvm.get_global_func("vm.builtin.kv_state_begin_forward")
+        self._f_end = tvm.get_global_func("vm.builtin.kv_state_end_forward")
+        self.stats = Stats()
+        self.kv = None
+        self.seq_len = 0
+        self.reset()
+
+    def _to_device(self, name: str, arr: np.ndarray):
+        import tvm
+
+        if arr.dtype == np.float16 and self.dtype == "float32" and not name.endswith((".q_scale", ".q_zero")):
+            arr = arr.astype(np.float32)  # exact widening of the stored fp16 dense tensors (float32 compute mode)
+        return tvm.runtime.tensor(np.ascontiguousarray(arr), self.device)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        return self._tokenizer
+
+    # --- KV cache ---------------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Drop the conversation: a fresh KV cache with one empty sequence (id 0)."""
+        from tvm.runtime import ShapeTuple
+
+        self.kv = self.vm["create_paged_kv_cache"](ShapeTuple([1]), ShapeTuple([self.context]),
+                                                   ShapeTuple([self.prefill_chunk]), ShapeTuple([PAGE_SIZE]),
+                                                   ShapeTuple([0]))
+        self._f_add(self.kv, 0)
+        self.seq_len = 0
+
+    def _forward(self, fn: str, ids: np.ndarray):
+        import tvm
+        from tvm.runtime import ShapeTuple
+
+        n = int(ids.shape[0])
+        if self.seq_len + n > self.context:
+            raise UserError(f"sequence of {self.seq_len + n} tokens exceeds the context window of {self.context}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab):
+            raise UserError(f"token ids must lie in [0, {self.vocab})")
+        emb = self.vm["embed"](tvm.runtime.tensor(ids.astype(np.int32), self.device), self.params)
+        emb = emb._create_view((1, n, int(emb.shape[-1])))  # [n, H] -> [1, n, H], no copy
+        self._f_begin(self.kv, ShapeTuple([0]), ShapeTuple([n]))
+        logits, self.kv = self.vm[fn](emb, self.kv, self.params)
+        self._f_end(self.kv)
+        self.seq_len += n
+        return logits
+
+    def prefill(self, ids, all_logits: bool = False) -> np.ndarray:
+        """Append prompt tokens `ids` [n] to the sequence; float32 logits [V] of the last one ([n, V] if all)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise UserError("empty prompt")
+        t0 = time.perf_counter()
+        outs = []
+        for start in range(0, ids.size, self.prefill_chunk):
+            chunk = ids[start:start + self.prefill_chunk]
+            out = self._forward("prefill_logits" if all_logits else "prefill", chunk).numpy()
+            outs.append(out[0])
+        self._sync()
+        self.stats.prefill_seconds += time.perf_counter() - t0
+        self.stats.prefill_tokens += int(ids.size)
+        return np.concatenate(outs, 0) if all_logits else outs[-1][-1]
+
+    def decode(self, token: int) -> np.ndarray:
+        """Append one token; float32 logits [V] for the next."""
+        t0 = time.perf_counter()
+        out = self._forward("decode", np.array([token], dtype=np.int64)).numpy()[0, -1]
+        self.stats.decode_seconds += time.perf_counter() - t0
+        self.stats.decode_tokens += 1
+        return out
+
+    def _sync(self) -> None:
+        self.device.sync()
+
+    # --- generation -------------------------------------------------------------------------------------------
+    def generate_ids(self, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
+                     seed: int = 0, stop_on_eos: bool = True, on_token=None) -> list[int]:
+        """Prefill `prompt_ids` then decode up to `max_new_tokens` tokens; returns the new ids."""
+        prompt_ids = list(prompt_ids)
+        if self.seq_len + len(prompt_ids) + max_new_tokens > self.context:
+            raise UserError(f"prompt of {len(prompt_ids)} tokens + {max_new_tokens} new tokens does not fit the "
+                            f"context window of {self.context} (already used: {self.seq_len})")
+        rng = np.random.default_rng(seed)
+        logits = self.prefill(prompt_ids)
+        out: list[int] = []
+        for i in range(max_new_tokens):
+            tok = sample(logits, temperature, top_p, rng)
+            out.append(tok)
+            if on_token is not None:
+                on_token(tok)
+            if stop_on_eos and tok in self.eos_ids:
+                break
+            if i + 1 < max_new_tokens:
+                logits = self.decode(tok)
+        return out
+
+    def generate(self, prompt: str, max_new_tokens: int = 128, **kw) -> tuple[str, dict]:
+        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        new = self.generate_ids(ids, max_new_tokens, **kw)
+        return self.tokenizer.decode(new, skip_special_tokens=True), self.stats.as_dict()
+
+    def reset_stats(self) -> None:
+        self.stats = Stats()
+
+    def memory_report(self) -> dict:
+        """Peak process RSS (CPU); on CUDA also the device memory in use."""
+        rep = {"peak_rss_mib": round(peak_rss_mib(), 1)}
+        if self.meta["target"] == "cuda":
+            try:
+                from cuda.bindings import runtime as cudart
+
+                _, free, total = cudart.cudaMemGetInfo()
+                rep["cuda_used_mib"] = round((total - free) / 2**20, 1)  # device-wide, read after the run
+            except Exception:  # noqa: BLE001 - cuda-bindings absent: report RSS only
+                rep["cuda_used_mib"] = None
+        return rep
+
+
+def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """Greedy (temperature 0) or temperature + nucleus sampling over float32 logits [V]."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p)
+        keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)]
+        q = np.zeros_like(p)
+        q[keep] = p[keep]
+        p = q / q.sum()
+    return int(rng.choice(p.size, p=p))
+
+
+def tvm_perplexity(model_dir, lib_path, tokens, seqlen: int, max_windows: int | None = None) -> float:
+    """Perplexity through the compiled model; same windows and NLL as `omniquant.ppl.perplexity`."""
+    import torch
+
+    from omniquant.ppl import window_nlls
+
+    eng = Engine(model_dir, lib_path)
+    if seqlen > eng.context:
+        raise UserError(f"seqlen {seqlen} exceeds the model's context window {eng.context}")
+
+    def logits_fn(ids):
+        eng.reset()
+        return torch.from_numpy(eng.prefill(ids[0].numpy(), all_logits=True))[None]
+
+    nlls = window_nlls(logits_fn, torch.as_tensor(tokens), seqlen, max_windows, desc="ppl (tvm)")
+    return math.exp(sum(nlls) / len(nlls))

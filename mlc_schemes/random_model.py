@@ -1,0 +1,106 @@
+"""Random packed weights with a real model's shapes (`--random-weights --preset llama2-7b`), held in memory.
+
+Speed and memory of a compiled model depend only on shapes and scheme, so a 7B model can be measured without
+downloading it. Codes are random words (one tiled random block) (3-bit words keep their 2 pad bits zero), scales 1e-3, zeros at
+mid-range, dense tensors N(0, 0.02), norms 1: activations stay finite in float16.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from omniquant.errors import UserError
+
+PRESETS: dict[str, dict] = {
+    "llama2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, head_dim=128, vocab_size=32000,
+                      max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False),
+    "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+                      max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
+                      tie_word_embeddings=False),
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
+                         max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=100000.0,
+                         tie_word_embeddings=True),
+}
+NO_QUANT = ("none", "q0f16")
+
+
+def _linears(cfg: dict) -> dict[str, list[int]]:
+    h, i, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
+    out = {}
+    for layer in range(cfg["num_hidden_layers"]):
+        a, m = f"model.layers.{layer}.self_attn.", f"model.layers.{layer}.mlp."
+        out |= {a + "q_proj": [cfg["num_attention_heads"] * d, h], a + "k_proj": [cfg["num_key_value_heads"] * d, h],
+                a + "v_proj": [cfg["num_key_value_heads"] * d, h], a + "o_proj": [h, cfg["num_attention_heads"] * d],
+                m + "gate_proj": [i, h], m + "up_proj": [i, h], m + "down_proj": [h, i]}
+    return out
+
+
+def _specs(cfg: dict, scheme, linears) -> list[tuple[str, tuple[int, ...], str, str]]:
+    """(name, shape, dtype, kind) of every tensor; kind in dense / ones / codes / scale / zero."""
+    h = cfg["hidden_size"]
+    out = [("model.embed_tokens.weight", (cfg["vocab_size"], h), "float16", "dense")]
+    for name, (n, k) in linears.items():
+        if scheme is None:
+            out.append((name + ".weight", (n, k), "float16", "dense"))
+            continue
+        g = scheme.num_groups(k)
+        out.append((name + ".q_weight", (n, scheme.num_words(k)), "uint32", "codes"))
+        out.append((name + ".q_scale", (n, g), "float16", "scale"))
+        if scheme.stores_zero:
+            out.append((name + ".q_zero", (n, g), "float16", "zero"))
+    for layer in range(cfg["num_hidden_layers"]):
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            out.append((f"model.layers.{layer}.{norm}.weight", (h,), "float16", "ones"))
+    out.append(("model.norm.weight", (h,), "float16", "ones"))
+    if not cfg["tie_word_embeddings"]:
+        out.append(("lm_head.weight", (cfg["vocab_size"], h), "float16", "dense"))
+    return out
+
+
+def random_packed_model(preset: str, scheme_name: str, seed: int = 0, context: int = 2048, materialize: bool = True):
+    """-> (PackedModel, params {name: numpy} or None) for `preset` with `scheme_name` ("none" = fp16 dense).
+
+    `materialize=False` gives the records only (enough to compile; a 7B fp16 model is 13.5 GB of arrays).
+    """
+    from mlc_schemes.compile import PackedModel
+
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = dict(PRESETS[preset])
+    linears = _linears(cfg)
+    scheme = None
+    if scheme_name not in NO_QUANT:
+        from mlc_schemes.schemes import get_scheme
+
+        scheme = get_scheme(scheme_name)
+    specs = _specs(cfg, scheme, linears)
+    params = None
+    if materialize:
+        rng = np.random.default_rng(seed)
+        # Values do not matter for speed: tile one random block instead of drawing billions of numbers.
+        base_f16 = (rng.standard_normal(1 << 20, dtype=np.float32) * 0.02).astype(np.float16)
+        base_u32 = rng.integers(0, 2**32, 1 << 20, dtype=np.uint32)
+        params = {}
+        for name, shape, _dtype, kind in specs:
+            if kind == "dense":
+                params[name] = np.resize(base_f16, shape)
+            elif kind == "ones":
+                params[name] = np.ones(shape, np.float16)
+            elif kind == "codes":  # keep the pad bits of 3-bit words zero
+                params[name] = np.resize(base_u32, shape) & np.uint32((1 << (scheme.bits * scheme.elems_per_word)) - 1)
+            elif kind == "scale":
+                params[name] = np.full(shape, 1e-3, np.float16)
+            else:
+                params[name] = np.full(shape, 2 ** (scheme.bits - 1), np.float16)
+    context = min(context, cfg["max_position_embeddings"])
+    qcfg = (scheme.to_json() | {"quantized_linears": linears}) if scheme else {}
+    chat = {"model_type": cfg["model_type"], "quantization": scheme.name if scheme else "none",
+            "quantization_config": qcfg, "model_config": cfg, "vocab_size": cfg["vocab_size"],
+            "context_window_size": context, "prefill_chunk_size": context, "eos_token_id": None}
+    records = {name: (shape, dtype) for name, shape, dtype, _ in specs}
+    return PackedModel(Path(f"<random {preset}>"), chat, scheme, set(linears) if scheme else set(), records), params

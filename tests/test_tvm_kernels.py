@@ -1,0 +1,68 @@
+"""CPU matmul kernels of the TVM model against numpy float64 (dequantize from independently packed codes)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+from mlc_schemes.compile import make_target  # noqa: E402
+from mlc_schemes.model.kernels import QuantSpec, cpu_matmul_nt  # noqa: E402
+from mlc_schemes.packing import pack_codes  # noqa: E402
+
+
+def _run(func, args, m, n, out_dtype):
+    # The host CPU target, as `omniquant compile` uses. (Plain generic x86-64 hits an LLVM SLP-vectorizer
+    # verification error for some 3-bit shapes, e.g. K=120 g40.)
+    target = make_target("llvm")
+    ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+    dev = tvm.cpu()
+    y = tvm.runtime.empty((m, n), out_dtype, dev)
+    ex["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in args], y)
+    return y.numpy()
+
+
+@pytest.mark.parametrize(
+    "bits,gs,k,n,fixed_zero",
+    [
+        (3, 128, 192, 40, None),  # K not a multiple of the group (partial last group) nor of 10 codes/word
+        (4, 128, 320, 24, None),
+        (2, 64, 100, 8, None),
+        (4, None, 77, 9, None),  # per-channel: one group per row
+        (4, 32, 96, 16, 7),  # MLC symmetric q4f16_1: fixed zero 2^(b-1)-1
+        (3, 40, 120, 12, 3),  # q3f16_1
+    ],
+)
+@pytest.mark.parametrize("m", [1, 5])
+def test_quant_matmul_matches_numpy(bits, gs, k, n, fixed_zero, m):
+    rng = np.random.default_rng(bits * 1000 + k + m)
+    gw = gs or k
+    groups = math.ceil(k / gw)
+    qmax = 2**bits - 1 if fixed_zero is None else 2 * fixed_zero
+    codes = rng.integers(0, qmax + 1, (n, k))
+    scale = (rng.random((n, groups)) * 0.05 + 0.01).astype(np.float16)
+    zero = rng.integers(0, qmax + 1, (n, groups)).astype(np.float16) if fixed_zero is None else None
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    g = np.arange(k) // gw
+    z64 = zero.astype(np.float64)[:, g] if zero is not None else float(fixed_zero)
+    w = (codes - z64) * scale.astype(np.float64)[:, g]
+    ref = x.astype(np.float64) @ w.T
+    func = cpu_matmul_nt(n, k, "float32", "float32", QuantSpec(bits, gw, fixed_zero))
+    args = [x, pack_codes(codes, bits), scale] + ([zero] if zero is not None else [])
+    out = _run(func, args, m, n, "float32")
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("k", [33, 192])
+def test_dense_matmul_fp16_weight_fp32_accumulation(k):
+    rng = np.random.default_rng(k)
+    n, m = 20, 3
+    w = rng.standard_normal((n, k)).astype(np.float16)
+    x = rng.standard_normal((m, k)).astype(np.float16)
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    out = _run(cpu_matmul_nt(n, k, "float16", "float16", None, w_dtype="float16"), [x, w], m, n, "float16")
+    # float32 accumulation: the only error is the final rounding to float16 (half an ulp, 2^-11 relative).
+    np.testing.assert_allclose(out.astype(np.float64), ref, rtol=2**-10, atol=1e-3)
