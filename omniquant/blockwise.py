@@ -81,7 +81,7 @@ class RunState:
 
     def save_block(self, i: int, tensors: dict[str, torch.Tensor], log: dict) -> None:
         meta = {"log": json.dumps(log)}
-        atomic_write(self.block_file(i), lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p), meta))
+        atomic_write(self.block_file(i), lambda p: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(p), meta))
 
     def load_block(self, i: int) -> tuple[dict[str, torch.Tensor], dict]:
         from safetensors import safe_open
@@ -144,7 +144,7 @@ def _train_block(block, q_inps, fp_outs, aug_outs, kwargs, cfg: CalibConfig, let
             else:
                 loss.backward()
                 opt.step()
-            total += float(loss)
+            total += float(loss.detach())
         log["epoch_loss"].append(total / max(n_steps, 1))
         bar.set_postfix(loss=f"{log['epoch_loss'][-1]:.3e}")
     # the parameters after the last step were never evaluated; check them once
@@ -178,6 +178,15 @@ def _run_stream(block, x: torch.Tensor, kwargs) -> torch.Tensor:
     return torch.cat([block_forward(block, x[j : j + 1], kwargs).float() for j in range(x.shape[0])])
 
 
+def _to(v, device):
+    """Move tensors, also inside tuples (Llama's position_embeddings = (cos, sin)), to device."""
+    if isinstance(v, torch.Tensor):
+        return v.to(device)
+    if isinstance(v, tuple):
+        return tuple(_to(x, device) for x in v)
+    return v
+
+
 def calibrate_model(model: nn.Module, adapter: Adapter, windows: torch.Tensor, cfg: CalibConfig,
                     state: RunState, resume: bool = False, make_let=None, act_quantizer_factory=None) -> CalibResult:
     """Quantize `model` in place block by block. windows: LongTensor [nsamples, seqlen].
@@ -191,10 +200,10 @@ def calibrate_model(model: nn.Module, adapter: Adapter, windows: torch.Tensor, c
     spec = WeightQuantSpec(cfg.wbits, cfg.group_size, cfg.symmetric)
     blocks = adapter.blocks(model)
     done = state.open(resume)
-    fp_inps, kwargs = capture_block_inputs(model, blocks, windows, device)
+    fp_inps, kwargs = capture_block_inputs(model, blocks, windows)
     fp_inps = fp_inps.to(device)
     q_inps = fp_inps.clone()
-    kwargs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    kwargs = {k: _to(v, device) for k, v in kwargs.items()}
     result = CalibResult()
     kill_after = os.environ.get("OMNIQUANT_TEST_KILL_AFTER_BLOCK")  # test hook: simulate a crash
     for i in tqdm(range(len(blocks)), desc="blocks"):
@@ -213,6 +222,7 @@ def calibrate_model(model: nn.Module, adapter: Adapter, windows: torch.Tensor, c
         let = make_let(block, qlinears, cfg, i) if make_let is not None else None
         if let is not None:
             setattr(block, LET_ATTR, let)
+        block.to(device)  # the quantizers' and LET's new parameters too
         if i < done:
             learned, log = state.load_block(i)
             _set_learned(block, learned)

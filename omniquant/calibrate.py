@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,23 +67,20 @@ def check_output(output: Path, overwrite: bool) -> None:
     parent = output.resolve().parent
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"output {output} is not writable (no write permission in {parent})")
+    try:  # a real probe: permission bits say nothing for root or read-only mounts
+        if not parent.is_dir():
+            raise NotADirectoryError(f"{parent} is not a directory")
+        tempfile.TemporaryDirectory(dir=parent).cleanup()
+    except OSError as e:
+        raise UserError(f"output {output} is not writable: {e}") from e
 
 
-def calibrate_checkpoint(model_path, output, *, overwrite: bool = False, resume: str | Path | None = None,
-                         **settings) -> Path:
-    """Calibrate `model_path` with CalibConfig(**settings) and write the fake-quant checkpoint to `output`.
-
-    Learned parameters are kept per block in `resume` (default `<output>.state`) until the export succeeds.
-    """
+def quantize_in_memory(model_path, cfg: CalibConfig, state_dir: Path, resume: bool = False):
+    """Calibrate `model_path`; returns (quantized model, tokenizer, quant_config dict, qparams)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    cfg = CalibConfig(**settings)
     validate(cfg)
     model_path = resolve_model(model_path)
-    output = Path(output)
-    check_output(output, overwrite)
     hf_config = AutoConfig.from_pretrained(model_path)
     adapter = get_adapter(hf_config.model_type)
     if cfg.let and not adapter.let_sites:
@@ -96,14 +93,14 @@ def calibrate_checkpoint(model_path, output, *, overwrite: bool = False, resume:
     model.eval()
     model.config.use_cache = False
 
-    state = RunState(Path(resume) if resume else output.with_name(output.name + ".state"), cfg, model_path)
+    state = RunState(state_dir, cfg, model_path)
     make_let = act_factory = None
     if cfg.let or cfg.abits < 16 or cfg.kv_bits < 16:
         from omniquant.weight_act import setup_weight_act  # LET + activation quantization (its own module)
 
         make_let, act_factory = setup_weight_act(model, adapter, windows, cfg, state.path)
     t0 = time.time()
-    result = calibrate_model(model, adapter, windows, cfg, state, resume=resume is not None,
+    result = calibrate_model(model, adapter, windows, cfg, state, resume=resume,
                              make_let=make_let, act_quantizer_factory=act_factory)
     wall = time.time() - t0
     nan_blocks = [b["block"] for b in result.block_log if b.get("nan")]
@@ -114,8 +111,28 @@ def calibrate_checkpoint(model_path, output, *, overwrite: bool = False, resume:
         "calibration": {**cfg.to_dict(), "wall_time_s": round(wall, 2), "nan_blocks": nan_blocks,
                         "block_log": result.block_log},
     }
+    if make_let is not None or act_factory is not None:
+        from omniquant.weight_act import export_entry  # act-quant settings; offsets are written by save_fakequant
+
+        quant_config.update(export_entry(cfg))
+    model.config.use_cache = True
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    save_fakequant(model, tokenizer, result.qparams, quant_config, output, overwrite=overwrite)
-    shutil.rmtree(state.path, ignore_errors=True)
+    return model, tokenizer, quant_config, result.qparams
+
+
+def calibrate_checkpoint(model_path, output, *, overwrite: bool = False, resume: str | Path | None = None,
+                         **settings) -> Path:
+    """Calibrate `model_path` with CalibConfig(**settings) and write the fake-quant checkpoint to `output`.
+
+    Learned parameters are kept per block in `resume` (default `<output>.state`) until the export succeeds.
+    """
+    cfg = CalibConfig(**settings)
+    validate(cfg)
+    output = Path(output)
+    check_output(output, overwrite)
+    state_dir = Path(resume) if resume else output.with_name(output.name + ".state")
+    model, tokenizer, quant_config, qparams = quantize_in_memory(model_path, cfg, state_dir, resume=resume is not None)
+    save_fakequant(model, tokenizer, qparams, quant_config, output, overwrite=overwrite)
+    shutil.rmtree(state_dir, ignore_errors=True)
     return output

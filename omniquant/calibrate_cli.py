@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-lwc", dest="lwc", action="store_false", help="disable Learnable Weight Clipping")
     p.add_argument("--let", action="store_true", help="Learnable Equivalent Transformation (weight-activation runs)")
     p.add_argument("--alpha", type=float, default=D.alpha, help="SmoothQuant-style LET scale init exponent")
+    p.add_argument("--act-stats", default=None, metavar="FILE",
+                   help="activation statistics for the LET init (from an earlier run of this model); default: "
+                        "collected once into OUTPUT.act_stats.safetensors and reused by later runs on the same windows")
     p.add_argument("--epochs", type=int, default=D.epochs, help="passes over the calibration windows per block (0 = no training)")
     p.add_argument("--nsamples", type=int, default=D.nsamples, help="number of calibration windows")
     p.add_argument("--seqlen", type=int, default=D.seqlen, help="tokens per calibration window")

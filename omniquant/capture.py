@@ -11,9 +11,10 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, device) -> tuple[torch.Tensor, dict]:
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """Run the model's embedding part on each window [n, L]; returns (hidden states [n, L, H] fp32, block kwargs).
 
+    Runs where the model's parameters are (the caller moves blocks and tensors to the calibration device).
     All windows share one length, so the kwargs captured for the first (position embeddings, causal mask, ...) are
     valid for every window with batch size 1.
     """
@@ -30,7 +31,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch
     try:
         for ids in windows:
             try:
-                model(ids[None].to(device), use_cache=False)
+                model(ids[None].to(model.device), use_cache=False)
             except _Stop:
                 pass
     finally:

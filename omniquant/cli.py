@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pack": ("mlc_schemes.pack_cli", "pack a fake-quant checkpoint into MLC-LLM's weight format (exact, from the sidecar)"),
     "compile": ("mlc_schemes.compile_cli", "compile a packed weights dir into a TVM model library (llvm/cuda/metal/webgpu)"),
     "chat": ("mlc_schemes.chat_cli", "chat with / benchmark a compiled model (prefill + decode on TVM)"),
+    "eval": ("omniquant.eval_cli", "zero-shot tasks (lm-eval, offline local JSONL tasks) on an HF / fake-quant checkpoint"),
     "ppl": ("omniquant.ppl_cli", "perplexity of an HF / fake-quant checkpoint (or a compiled TVM model) on text"),
 }
 

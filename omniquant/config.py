@@ -24,6 +24,7 @@ class CalibConfig:
     let_lr: float = 5e-3
     wd: float = 0.0
     alpha: float = 0.5
+    act_stats: str | None = None  # LET init statistics file (default: <output>.act_stats.safetensors, reused)
     aug_loss: bool = False
     calib_data: str = "wikitext2"
     seed: int = 2

@@ -55,5 +55,9 @@ def save_fakequant(model, tokenizer, qparams: dict, quant_config: dict, output: 
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_file(tensors, str(tmp / "quant_params.safetensors"))
+        if (quant_config.get("act_quant") or {}).get("offsets_file"):
+            from omniquant.weight_act import collect_offsets  # LET shifts carried by the activation quantizers
+
+            save_file(collect_offsets(model), str(tmp / quant_config["act_quant"]["offsets_file"]))
         (tmp / "quant_config.json").write_text(json.dumps(config, indent=2))
     return Path(output)

@@ -21,5 +21,5 @@ def load_quantized(path: str | Path, dtype=torch.float32):
         if cfg.get("abits", 16) < 16 or cfg.get("kv_bits", 16) < 16:
             from omniquant.weight_act import attach_act_quantizers
 
-            attach_act_quantizers(model, cfg)
+            attach_act_quantizers(model, cfg, path)
     return model

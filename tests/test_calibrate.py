@@ -32,7 +32,7 @@ def _block0_mse(model_dir, calib_text, lwc: bool, bits=2, gs=64, epochs=4):
     adapter = get_adapter(model.config.model_type)
     windows = sample_windows(load_tokens(tok, calib_text), 8, 64, seed=0)
     blocks = adapter.blocks(model)
-    x, kwargs = capture_block_inputs(model, blocks, windows, "cpu")
+    x, kwargs = capture_block_inputs(model, blocks, windows)
     block = blocks[0].requires_grad_(False)
     with torch.no_grad():
         target = torch.cat([block_forward(block, x[i : i + 1], kwargs) for i in range(len(x))])

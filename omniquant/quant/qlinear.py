@@ -52,8 +52,16 @@ def replace_linears(block: nn.Module, names, make) -> dict[str, QuantLinear]:
 
 
 def restore_linears(block: nn.Module, qlinears: dict[str, QuantLinear]) -> None:
-    """Put the plain nn.Linear back (after its weight was overwritten with the fused, fake-quant weight)."""
+    """Put the plain nn.Linear back (after its weight was overwritten with the fused, fake-quant weight).
+
+    An activation quantizer stays with its linear (as a forward pre-hook), so the quantized stream that feeds the
+    next block, and the final model, keep quantizing activations.
+    """
+    from omniquant.quant.act import attach_input_quantizer
+
     for name, q in qlinears.items():
+        if q.act_quantizer is not None:
+            attach_input_quantizer(q.linear, q.act_quantizer)
         parent_name, _, attr = name.rpartition(".")
         parent = block.get_submodule(parent_name) if parent_name else block
         setattr(parent, attr, q.linear)
