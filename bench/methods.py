@@ -1,0 +1,70 @@
+"""The methods the quality benchmark compares: where each runs (main env or a peer venv) and how it is called.
+
+A setting is a string ``w<bits>g<group>`` (weight-only, asymmetric integer) or ``w<bits>a<abits>`` (weight-activation,
+per-channel weights; needs the LET/act-quant evaluation hook, see ``SettingSpec.weight_act``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    name: str
+    wbits: int
+    group_size: int  # -1: per output channel
+    abits: int = 16
+
+    @property
+    def weight_act(self) -> bool:
+        return self.abits < 16
+
+
+def parse_setting(name: str) -> SettingSpec:
+    m = re.fullmatch(r"w(\d+)g(\d+)", name)
+    if m:
+        return SettingSpec(name, int(m[1]), int(m[2]))
+    m = re.fullmatch(r"w(\d+)a(\d+)", name)
+    if m:
+        return SettingSpec(name, int(m[1]), -1, int(m[2]))
+    raise ValueError(f"setting {name!r} is not of the form w<bits>g<group> (e.g. w3g128) or w<bits>a<bits> (w4a4)")
+
+
+@dataclass(frozen=True)
+class Method:
+    """``env`` None = main environment (this project), else a key of ``bench.peer_envs.PEER_REQUIREMENTS``."""
+
+    name: str
+    label: str
+    script: str
+    env: str | None
+    args: tuple[str, ...] = ()
+    calibration_free: bool = False
+    weight_act: bool = False  # supports w<bits>a<bits> settings
+    env_vars: dict = field(default_factory=dict)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("rtn", "RTN (round-to-nearest, ours)", "omniquant_ours.py", None, ("--method", "rtn"), calibration_free=True),
+    Method("gptq", "GPTQ (llm-compressor 0.14)", "llmcompressor_peer.py", "llmcompressor", ("--method", "gptq")),
+    Method("awq", "AWQ (llm-compressor 0.14)", "llmcompressor_peer.py", "llmcompressor", ("--method", "awq")),
+    Method("autoround", "AutoRound (auto-round 0.16)", "autoround_peer.py", "autoround"),
+    Method("gptqmodel", "GPTQ (gptqmodel 7.6)", "gptqmodel_peer.py", "gptqmodel",
+           env_vars={"GPTQMODEL_CPU_WORKERS": "2", "CUDA_VISIBLE_DEVICES": ""}),
+    Method("hqq", "HQQ (hqq 0.2.8)", "hqq_peer.py", "hqq", calibration_free=True),
+    Method("omniquant", "OmniQuant (ours, LWC)", "omniquant_ours.py", None, ("--method", "omniquant")),
+)}
+
+NOT_RUN = {
+    "auto-gptq 0.7.1": "CUDA-only kernels: does not run on CPU",
+    "autoawq 0.2.9": "CUDA-only kernels: does not run on CPU (AWQ is measured through llm-compressor)",
+}
+
+
+def linear_bits(n: int, k: int, wbits: int, group_size: int) -> int:
+    """Storage bits of one quantized linear [N, K]: codes + one float16 scale and one float16 zero per group
+    (MLC layout, docs/formats.md §2); groups = ceil(K / gs) per row."""
+    g = 1 if group_size == -1 else -(-k // group_size)
+    return n * k * wbits + n * g * 32

