@@ -29,7 +29,9 @@ def _run(func, args, m, n, out_dtype):
     "bits,gs,k,n,fixed_zero",
     [
         (3, 128, 192, 40, None),  # K not a multiple of the group (partial last group) nor of 10 codes/word
+        (3, 128, 576, 30, None),  # SmolLM2's K with int3 g128: groups start mid-word (windowed GEMV)
         (4, 128, 320, 24, None),
+        (4, 128, 576, 30, None),  # SmolLM2's K: 4.5 groups (8-word tail group); N not a multiple of 4 rows
         (2, 64, 100, 8, None),
         (4, None, 77, 9, None),  # per-channel: one group per row
         (4, 32, 96, 16, 7),  # MLC symmetric q4f16_1: fixed zero 2^(b-1)-1
@@ -56,10 +58,11 @@ def test_quant_matmul_matches_numpy(bits, gs, k, n, fixed_zero, m):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("m", [1, 3])  # M = 1 takes the GEMV path, M > 1 the per-row path
 @pytest.mark.parametrize("k", [33, 192])
-def test_dense_matmul_fp16_weight_fp32_accumulation(k):
+def test_dense_matmul_fp16_weight_fp32_accumulation(k, m):
     rng = np.random.default_rng(k)
-    n, m = 20, 3
+    n = 22  # not a multiple of the 4-row blocks
     w = rng.standard_normal((n, k)).astype(np.float16)
     x = rng.standard_normal((m, k)).astype(np.float16)
     ref = x.astype(np.float64) @ w.astype(np.float64).T

@@ -7,11 +7,18 @@ Two weight sources share one kernel shape:
   or the scheme's fixed zero (MLC symmetric kinds);
 - dense: `W` float16/float32 as stored.
 
-CPU (llvm): a hand-written TIR kernel. Each output row n (parallel over the cores) is decoded once into a float32
-row buffer, then dotted with every input row m with a 16-lane vector accumulator. The decode is amortised over M
-in prefill and is the whole cost in decode (M = 1), i.e. this is the fused dequantize-GEMV: weights are read once,
-in packed form, and never materialised in memory. Generic schedules were avoided on purpose: dlight `cpu.GEMV`
-made a 2-layer model compile in minutes.
+CPU (llvm): hand-written TIR, two paths chosen at run time on M:
+
+- M = 1 (decode), the GEMV that dominates a decode step: `_gemv_quant` works on raw packed words (one contiguous
+  vector load of words per row, each code isolated by a single AND with its in-word mask and converted, x
+  pre-transposed and pre-scaled once per call so the FMA operand is contiguous), applies scale / zero once per
+  group, and runs 4 rows per step with independent accumulators; `_cpu_dense` M = 1 converts x to float32 once and
+  shares each x vector over 4 rows. Rows are split over the cores in at most TASKS tasks.
+- M > 1 (prefill): each output row n (parallel over the cores) is decoded once into a float32 row buffer, then
+  dotted with every input row m with a 16-lane vector accumulator (the decode is amortised over M).
+
+Weights are read once, in packed form, and never materialised in memory. Generic schedules were avoided on
+purpose: dlight `cpu.GEMV` made a 2-layer model compile in minutes.
 
 GPU: the same formula as a TE compute (dequantize inlined into the reduction, float32 accumulator), scheduled by
 dlight's GEMV / matmul rules in `mlc_schemes.compile`.
@@ -46,12 +53,26 @@ class QuantSpec:
         return (1 << self.bits) - 1
 
 
+ROWS = 4  # output rows per parallel task in the M = 1 kernels: x vectors are loaded once for 4 rows, and 4
+#            independent accumulator chains hide the FMA latency
+TASKS = 64  # parallel tasks per M = 1 kernel (split statically over the threads); each runs a range of row blocks
+
+
+def _pow2_lanes(count: int, cap: int = VECTOR_LANES) -> int:
+    """Largest power of two <= cap dividing `count` (vector width of a loop of `count` iterations)."""
+    lanes = 1
+    while lanes < cap and count % (lanes * 2) == 0:
+        lanes *= 2
+    return lanes
+
+
 @functools.lru_cache(maxsize=None)  # one TVMScript parse per distinct shape, not per layer (compile time)
 def cpu_matmul_nt(n: int, k: int, x_dtype: str, out_dtype: str, quant: QuantSpec | None, w_dtype: str = "float16"):
-    """TIR PrimFunc `(x[M, K], <weight args>, y[M, N])`, M symbolic.
+    """TIR PrimFunc `(x[M, K], <weight args>, y[M, N])`, M symbolic; `y = x @ W^T` accumulated in float32.
 
     Weight args: quantized -> q_weight uint32 [N, ceil(K/epw)], q_scale float16 [N, G] (+ q_zero float16 [N, G]);
-    dense -> weight `w_dtype` [N, K].
+    dense -> weight `w_dtype` [N, K]. M = 1 (decode) takes a GEMV path (`_gemv_quant`, `_gemv_quant_window`, the
+    M = 1 branch of `_cpu_dense`), M > 1 the row-decode path (each weight row decoded once to float32, then dotted with every x row).
     """
     vl = VECTOR_LANES
     kfull = k // vl * vl  # vectorised part of the dot; the k % vl tail is scalar
@@ -62,58 +83,28 @@ def cpu_matmul_nt(n: int, k: int, x_dtype: str, out_dtype: str, quant: QuantSpec
     groups = math.ceil(k / gw)
     row = words * epw  # decoded row length (padding codes decoded too, never read by the dot)
     mask = quant.mask
+    # The plain GEMV path needs groups made of whole words (4-bit g32/g128, 3-bit g40, 2-bit g64 ...).
+    # Other groups (3-bit g128) take the windowed variant, which reads a few words twice.
+    if gw % epw == 0:
+        gemv = _gemv_quant(n, k, quant, x_dtype, out_dtype)
+    else:
+        gemv = _gemv_quant_window(n, k, quant, out_dtype)  # None when K is smaller than one window
+    fast = gemv is not None
 
     def deq(qw, s, zero, nn, w, e):
         g = T.min((w * epw + e) // gw, groups - 1)
         code = T.Cast("float32", T.shift_right(qw[nn, w], T.uint32(e * bits)) & T.uint32(mask))
         return (code - zero(nn, g)) * T.Cast("float32", s[nn, g])
 
-    if quant.fixed_zero is None:
-
-        @T.prim_func(private=True)
-        def qmm_asym(x_h: T.handle, qw: T.Buffer((n, words), "uint32"), s: T.Buffer((n, groups), "float16"),
-                     z: T.Buffer((n, groups), "float16"), y_h: T.handle):
-            T.func_attr({"tirx.noalias": True, "op_pattern": 8})
-            m_len = T.int64()
-            x = T.match_buffer(x_h, (m_len, k), x_dtype)
-            y = T.match_buffer(y_h, (m_len, n), out_dtype)
-            for nn in T.parallel(n):
-                buf = T.decl_buffer((row,), "float32", scope="local")
-                acc = T.decl_buffer((vl,), "float32", scope="local")
-                tot = T.decl_buffer((1,), "float32", scope="local")
-                for w in range(words):
-                    for e in T.unroll(epw):
-                        buf[w * epw + e] = deq(qw, s, lambda a, b: T.Cast("float32", z[a, b]), nn, w, e)
-                for m in range(m_len):
-                    for lane in T.vectorized(vl):
-                        acc[lane] = T.float32(0)
-                    for kb in range(kfull // vl):
-                        for lane in T.vectorized(vl):
-                            acc[lane] = acc[lane] + T.Cast("float32", x[m, kb * vl + lane]) * buf[kb * vl + lane]
-                    tot[0] = T.float32(0)
-                    for kt in range(k - kfull):
-                        tot[0] = tot[0] + T.Cast("float32", x[m, kfull + kt]) * buf[kfull + kt]
-                    for lane in range(vl):
-                        tot[0] = tot[0] + acc[lane]
-                    y[m, nn] = T.Cast(out_dtype, tot[0])
-
-        return qmm_asym
-
-    zc = float(quant.fixed_zero)
-
-    @T.prim_func(private=True)
-    def qmm_sym(x_h: T.handle, qw: T.Buffer((n, words), "uint32"), s: T.Buffer((n, groups), "float16"), y_h: T.handle):
-        T.func_attr({"tirx.noalias": True, "op_pattern": 8})
-        m_len = T.int64()
-        x = T.match_buffer(x_h, (m_len, k), x_dtype)
-        y = T.match_buffer(y_h, (m_len, n), out_dtype)
+    @T.macro
+    def rows_body(x, qw, s, zero, y, m_len):
         for nn in T.parallel(n):
             buf = T.decl_buffer((row,), "float32", scope="local")
             acc = T.decl_buffer((vl,), "float32", scope="local")
             tot = T.decl_buffer((1,), "float32", scope="local")
             for w in range(words):
                 for e in T.unroll(epw):
-                    buf[w * epw + e] = deq(qw, s, lambda a, b: T.float32(zc), nn, w, e)
+                    buf[w * epw + e] = deq(qw, s, zero, nn, w, e)
             for m in range(m_len):
                 for lane in T.vectorized(vl):
                     acc[lane] = T.float32(0)
@@ -127,32 +118,289 @@ def cpu_matmul_nt(n: int, k: int, x_dtype: str, out_dtype: str, quant: QuantSpec
                     tot[0] = tot[0] + acc[lane]
                 y[m, nn] = T.Cast(out_dtype, tot[0])
 
+    if quant.fixed_zero is None:
+
+        @T.prim_func(private=True)
+        def qmm_asym(x_h: T.handle, qw: T.Buffer((n, words), "uint32"), s: T.Buffer((n, groups), "float16"),
+                     z: T.Buffer((n, groups), "float16"), y_h: T.handle):
+            T.func_attr({"tirx.noalias": True, "op_pattern": 8})
+            m_len = T.int64()
+            x = T.match_buffer(x_h, (m_len, k), x_dtype)
+            y = T.match_buffer(y_h, (m_len, n), out_dtype)
+            if fast and m_len == 1:
+                gemv(x, qw, s, lambda a, b: T.Cast("float32", z[a, b]), y)
+            else:
+                rows_body(x, qw, s, lambda a, b: T.Cast("float32", z[a, b]), y, m_len)
+
+        return qmm_asym
+
+    zc = float(quant.fixed_zero)
+
+    @T.prim_func(private=True)
+    def qmm_sym(x_h: T.handle, qw: T.Buffer((n, words), "uint32"), s: T.Buffer((n, groups), "float16"), y_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "op_pattern": 8})
+        m_len = T.int64()
+        x = T.match_buffer(x_h, (m_len, k), x_dtype)
+        y = T.match_buffer(y_h, (m_len, n), out_dtype)
+        if fast and m_len == 1:
+            gemv(x, qw, s, lambda a, b: T.float32(zc), y)
+        else:
+            rows_body(x, qw, s, lambda a, b: T.float32(zc), y, m_len)
+
     return qmm_sym
 
 
+def _gemv_quant(n: int, k: int, quant: QuantSpec, x_dtype: str, out_dtype: str):
+    """TIR macro `(x[1, K], q_weight, q_scale, zero(n, g), y[1, N])` for M = 1; needs group_width % epw == 0.
+
+    Per row n and group g (words `[g*wpg, (g+1)*wpg)`, wpg = group_width / epw):
+
+        y[n] = sum_g scale[n, g] * (sum_{k in g} code[n, k] * x[k]  -  zero[n, g] * xsum[g])
+
+    so the inner loop is mask / convert / FMA on raw codes, and scale / zero are applied once per group.
+    Once per call, x is converted to float32 and transposed to `xt[e, w] = x[w*epw + e] * 2^(-bits*e)` (0 past K):
+    lane j of a vector then holds word w0 + j of the row (one contiguous load of packed words) and its e-th code,
+    taken in place as `word & (mask << bits*e)` = code * 2^(bits*e) (no shift; exact in float32, <= bits
+    significant bits), multiplies a contiguous `xt[e, w0:w0+lanes]`: no gathers, no per-element fp16 conversion,
+    and the power-of-two factors cancel exactly. `xsum[g]` = float32 sum of x over group g. ROWS rows per step.
+    """
+    epw, bits, gw, mask = quant.epw, quant.bits, quant.group_width, quant.mask
+    words = math.ceil(k / epw)
+    groups = math.ceil(k / gw)
+    wpg = gw // epw
+    gfull = k // gw  # groups with wpg words; a partial last group has the remaining `wlast` words
+    wlast = words - gfull * wpg
+    vw = _pow2_lanes(wpg)
+    vt = _pow2_lanes(wlast) if wlast else 1
+    R = ROWS
+    nblk = math.ceil(n / R)
+    per_task = math.ceil(nblk / TASKS)
+    ntask = math.ceil(nblk / per_task)
+    hs_w, hs_t = _hsum(vw), _hsum(vt)
+
+    @T.macro
+    def gemv(x, qw, s, zero, y):
+        xt = T.decl_buffer((epw, words), "float32")
+        xs = T.decl_buffer((groups,), "float32")
+        for e, w in T.grid(epw, words):
+            # 2^(-bits*e): pairs with the unshifted masked code below (exact power-of-two scaling)
+            xt[e, w] = T.if_then_else(w * epw + e < k, T.Cast("float32", x[0, T.min(w * epw + e, k - 1)]),
+                                      T.float32(0)) * T.reinterpret("float32", T.shift_left(
+                                          T.Cast("int32", 127 - bits * e), 23))
+        for g in range(groups):
+            xs[g] = T.float32(0)
+            for kk in range(T.min(gw, k - g * gw)):
+                xs[g] = xs[g] + T.Cast("float32", x[0, g * gw + kk])
+        for t in T.parallel(ntask):
+            # Per-task (not per-block) scratch: TVM allocates buffers declared in a parallel body through
+            # TVMBackendAllocWorkspace on every iteration, which cost as much as the math for small K.
+            acc = T.decl_buffer((R, vw), "float32", scope="local")
+            gacc = T.decl_buffer((R, vw), "float32", scope="local")
+            tacc = T.decl_buffer((R, vt), "float32", scope="local")
+            zt = T.decl_buffer((R,), "float32", scope="local")
+            for nb0 in range(per_task):
+                nb = t * per_task + nb0
+                if nb < nblk:
+                    for r in T.unroll(R):
+                        zt[r] = T.float32(0)
+                        for j in T.vectorized(vw):
+                            acc[r, j] = T.float32(0)
+                    # Reads clamp rows past N to row N - 1 (last block only); those results are never written.
+                    for g in range(gfull):
+                        for r in T.unroll(R):
+                            for j in T.vectorized(vw):
+                                gacc[r, j] = T.float32(0)
+                        for wb in range(wpg // vw):
+                            for e in T.unroll(epw):
+                                for r in T.unroll(R):
+                                    for j in T.vectorized(vw):
+                                        gacc[r, j] = gacc[r, j] + T.Cast(
+                                            "float32", qw[T.min(nb * R + r, n - 1), g * wpg + wb * vw + j]
+                                            & T.shift_left(T.uint32(mask), T.uint32(e * bits))
+                                        ) * xt[e, g * wpg + wb * vw + j]
+                        for r in T.unroll(R):
+                            sc = T.Cast("float32", s[T.min(nb * R + r, n - 1), g])
+                            zt[r] = zt[r] + sc * zero(T.min(nb * R + r, n - 1), g) * xs[g]
+                            for j in T.vectorized(vw):
+                                acc[r, j] = acc[r, j] + sc * gacc[r, j]
+                    for r in T.unroll(R):
+                        for j in T.vectorized(vt):
+                            tacc[r, j] = T.float32(0)
+                    for wb in range(wlast // vt):
+                        for e in T.unroll(epw):
+                            for r in T.unroll(R):
+                                for j in T.vectorized(vt):
+                                    tacc[r, j] = tacc[r, j] + T.Cast(
+                                        "float32", qw[T.min(nb * R + r, n - 1), gfull * wpg + wb * vt + j]
+                                        & T.shift_left(T.uint32(mask), T.uint32(e * bits))
+                                    ) * xt[e, gfull * wpg + wb * vt + j]
+                    for r in T.unroll(R):
+                        if nb * R + r < n:
+                            hs_w(acc, r)
+                            hs_t(tacc, r)
+                            if wlast > 0:
+                                sc = T.Cast("float32", s[nb * R + r, groups - 1])
+                                zt[r] = zt[r] + sc * zero(nb * R + r, groups - 1) * xs[groups - 1]
+                                acc[r, 0] = acc[r, 0] + sc * tacc[r, 0]
+                            y[0, nb * R + r] = T.Cast(out_dtype, acc[r, 0] - zt[r])
+
+    return gemv
+
+
+def _gemv_quant_window(n: int, k: int, quant: QuantSpec, out_dtype: str):
+    """`_gemv_quant` for groups that start mid-word (3-bit g128: 12.8 words per group); None if K is too small.
+
+    Same formula. Group g reads a fixed window of `win` words from `w0(g) = min(g*gw // epw, words - win)` (a
+    contiguous vector load, as in `_gemv_quant`), and its x table `xt[g, e, j]` holds
+    `x[(w0(g)+j)*epw + e] * 2^(-bits*e)` only where that column belongs to group g, 0 elsewhere: codes of the
+    neighbouring groups in the shared boundary words are multiplied by 0. Costs win / (gw/epw) of the aligned
+    kernel's work (16 / 12.8 for 3-bit g128).
+    """
+    epw, bits, gw, mask = quant.epw, quant.bits, quant.group_width, quant.mask
+    words = math.ceil(k / epw)
+    groups = math.ceil(k / gw)
+    span = max(math.ceil(min((g + 1) * gw, k) / epw) - g * gw // epw for g in range(groups))
+    vw = min(VECTOR_LANES, 1 << (span - 1).bit_length())
+    nch = math.ceil(span / vw)
+    win = nch * vw
+    if words < win:
+        return None
+    R = ROWS
+    nblk = math.ceil(n / R)
+    per_task = math.ceil(nblk / TASKS)
+    ntask = math.ceil(nblk / per_task)
+    hs_w = _hsum(vw)
+
+    @T.macro
+    def gemv(x, qw, s, zero, y):
+        xt = T.decl_buffer((groups, epw, win), "float32")
+        xs = T.decl_buffer((groups,), "float32")
+        for g, e, j in T.grid(groups, epw, win):
+            xt[g, e, j] = T.if_then_else(
+                T.min(g * gw // epw, words - win) * epw + j * epw + e >= g * gw
+                and T.min(g * gw // epw, words - win) * epw + j * epw + e < T.min(g * gw + gw, k),
+                T.Cast("float32", x[0, T.min(T.min(g * gw // epw, words - win) * epw + j * epw + e, k - 1)]),
+                T.float32(0)) * T.reinterpret("float32", T.shift_left(T.Cast("int32", 127 - bits * e), 23))
+        for g in range(groups):
+            xs[g] = T.float32(0)
+            for kk in range(T.min(gw, k - g * gw)):
+                xs[g] = xs[g] + T.Cast("float32", x[0, g * gw + kk])
+        for t in T.parallel(ntask):
+            acc = T.decl_buffer((R, vw), "float32", scope="local")  # per task: see _gemv_quant
+            gacc = T.decl_buffer((R, vw), "float32", scope="local")
+            zt = T.decl_buffer((R,), "float32", scope="local")
+            for nb0 in range(per_task):
+                nb = t * per_task + nb0
+                if nb < nblk:
+                    for r in T.unroll(R):
+                        zt[r] = T.float32(0)
+                        for j in T.vectorized(vw):
+                            acc[r, j] = T.float32(0)
+                    for g in range(groups):
+                        for r in T.unroll(R):
+                            for j in T.vectorized(vw):
+                                gacc[r, j] = T.float32(0)
+                        for c in range(nch):
+                            for e in T.unroll(epw):
+                                for r in T.unroll(R):
+                                    for j in T.vectorized(vw):
+                                        gacc[r, j] = gacc[r, j] + T.Cast(
+                                            "float32", qw[T.min(nb * R + r, n - 1),
+                                                          T.min(g * gw // epw, words - win) + c * vw + j]
+                                            & T.shift_left(T.uint32(mask), T.uint32(e * bits))
+                                        ) * xt[g, e, c * vw + j]
+                        for r in T.unroll(R):
+                            sc = T.Cast("float32", s[T.min(nb * R + r, n - 1), g])
+                            zt[r] = zt[r] + sc * zero(T.min(nb * R + r, n - 1), g) * xs[g]
+                            for j in T.vectorized(vw):
+                                acc[r, j] = acc[r, j] + sc * gacc[r, j]
+                    for r in T.unroll(R):
+                        if nb * R + r < n:
+                            hs_w(acc, r)
+                            y[0, nb * R + r] = T.Cast(out_dtype, acc[r, 0] - zt[r])
+
+    return gemv
+
+
+@functools.lru_cache(maxsize=None)
+def _hsum(lanes: int):
+    """TIR macro `(buf, r)`: buf[r, 0] = sum(buf[r, :lanes]) by halving vector adds (a shuffle tree, not a serial
+    scalar chain). Built recursively in Python so every loop extent is a constant."""
+    if lanes == 1:
+
+        @T.macro
+        def nop(buf, r):
+            T.evaluate(0)
+
+        return nop
+    half = lanes // 2
+    rest = _hsum(half)
+
+    @T.macro
+    def step(buf, r):
+        for j in T.vectorized(half):
+            buf[r, j] = buf[r, j] + buf[r, j + half]
+        rest(buf, r)
+
+    return step
+
+
 def _cpu_dense(n, k, kfull, vl, x_dtype, out_dtype, w_dtype):
+    """Dense `W` [N, K]. M = 1: x converted to float32 once, ROWS rows per task sharing each x vector, 16-lane
+    float32 FMAs with one weight conversion per element; M > 1: one row's dot per (m, n)."""
+    R = ROWS
+    nblk = math.ceil(n / R)
+    per_task = math.ceil(nblk / TASKS)
+    ntask = math.ceil(nblk / per_task)
+    hs = _hsum(vl)
+
     @T.prim_func(private=True)
     def mm_dense(x_h: T.handle, wt: T.Buffer((n, k), w_dtype), y_h: T.handle):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
         m_len = T.int64()
         x = T.match_buffer(x_h, (m_len, k), x_dtype)
         y = T.match_buffer(y_h, (m_len, n), out_dtype)
-        for nn in T.parallel(n):
-            acc = T.decl_buffer((vl,), "float32", scope="local")
-            tot = T.decl_buffer((1,), "float32", scope="local")
-            for m in range(m_len):
-                for lane in T.vectorized(vl):
-                    acc[lane] = T.float32(0)
-                for kb in range(kfull // vl):
+        if m_len == 1:
+            xf = T.decl_buffer((k,), "float32")
+            for kk in range(k):
+                xf[kk] = T.Cast("float32", x[0, kk])
+            for t in T.parallel(ntask):
+                acc = T.decl_buffer((R, vl), "float32", scope="local")  # per task: see _gemv_quant
+                for nb0 in range(per_task):
+                    nb = t * per_task + nb0
+                    if nb < nblk:
+                        for r in T.unroll(R):
+                            for lane in T.vectorized(vl):
+                                acc[r, lane] = T.float32(0)
+                        for kb in range(kfull // vl):
+                            for r in T.unroll(R):
+                                for lane in T.vectorized(vl):
+                                    acc[r, lane] = acc[r, lane] + xf[kb * vl + lane] * T.Cast(
+                                        "float32", wt[T.min(nb * R + r, n - 1), kb * vl + lane])
+                        for r in T.unroll(R):
+                            if nb * R + r < n:
+                                hs(acc, r)
+                                for kt in range(k - kfull):
+                                    acc[r, 0] = acc[r, 0] + xf[kfull + kt] * T.Cast("float32",
+                                                                                   wt[nb * R + r, kfull + kt])
+                                y[0, nb * R + r] = T.Cast(out_dtype, acc[r, 0])
+        else:
+            for nn in T.parallel(n):
+                acc = T.decl_buffer((vl,), "float32", scope="local")
+                tot = T.decl_buffer((1,), "float32", scope="local")
+                for m in range(m_len):
                     for lane in T.vectorized(vl):
-                        acc[lane] = acc[lane] + T.Cast("float32", x[m, kb * vl + lane]) * T.Cast(
-                            "float32", wt[nn, kb * vl + lane])
-                tot[0] = T.float32(0)
-                for kt in range(k - kfull):
-                    tot[0] = tot[0] + T.Cast("float32", x[m, kfull + kt]) * T.Cast("float32", wt[nn, kfull + kt])
-                for lane in range(vl):
-                    tot[0] = tot[0] + acc[lane]
-                y[m, nn] = T.Cast(out_dtype, tot[0])
+                        acc[lane] = T.float32(0)
+                    for kb in range(kfull // vl):
+                        for lane in T.vectorized(vl):
+                            acc[lane] = acc[lane] + T.Cast("float32", x[m, kb * vl + lane]) * T.Cast(
+                                "float32", wt[nn, kb * vl + lane])
+                    tot[0] = T.float32(0)
+                    for kt in range(k - kfull):
+                        tot[0] = tot[0] + T.Cast("float32", x[m, kfull + kt]) * T.Cast("float32", wt[nn, kfull + kt])
+                    for lane in range(vl):
+                        tot[0] = tot[0] + acc[lane]
+                    y[m, nn] = T.Cast(out_dtype, tot[0])
 
     return mm_dense
 
