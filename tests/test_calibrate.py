@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from omniquant.blockwise import _train_block
-from omniquant.calibrate import calibrate_checkpoint, quantize_in_memory
+from omniquant.calibrate import quantize_in_memory
 from omniquant.capture import block_forward, capture_block_inputs
 from omniquant.cli import main
 from omniquant.config import CalibConfig

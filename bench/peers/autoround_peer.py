@@ -9,7 +9,7 @@ group size; we detect them by comparing with the original weights and record the
 from __future__ import annotations
 
 import torch
-from common import Timer, load_model, load_windows, parse_args, quantizable_linears, save_result, window_loss
+from common import Timer, load_inputs, parse_args, quantizable_linears, save_result
 
 
 def _extra(ap):
@@ -22,11 +22,8 @@ def main() -> None:
     from auto_round import AutoRound
     from transformers import AutoTokenizer
 
-    torch.manual_seed(args.seed)
-    model = load_model(args.model)
+    model, windows, fp_loss0 = load_inputs(args)
     tok = AutoTokenizer.from_pretrained(str(args.model))
-    windows = load_windows(args.windows)
-    fp_loss0 = window_loss(model, windows[0])
     n, seqlen = windows.shape
     linears = quantizable_linears(model)
     original = {name: m.weight.detach().clone() for name, m in linears.items()}

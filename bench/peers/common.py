@@ -73,6 +73,14 @@ def window_loss(model, ids: torch.Tensor) -> float:
     return float(torch.nn.functional.cross_entropy(logits[:-1], ids[1:]))
 
 
+def load_inputs(args: argparse.Namespace):
+    """Seeded start of a peer script: (model, windows [n, L], float loss on window 0 for the loading check)."""
+    torch.manual_seed(args.seed)
+    model = load_model(args.model)
+    windows = load_windows(args.windows)
+    return model, windows, window_loss(model, windows[0])
+
+
 def snapshot_params(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 

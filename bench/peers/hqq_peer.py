@@ -9,16 +9,13 @@ are read only for the shared loading check.
 from __future__ import annotations
 
 import torch
-from common import Timer, load_model, load_windows, parse_args, quantizable_linears, save_result, window_loss
+from common import Timer, load_inputs, parse_args, quantizable_linears, save_result
 from hqq.core.quantize import Quantizer
 
 
 def main() -> None:
     args = parse_args()
-    torch.manual_seed(args.seed)
-    model = load_model(args.model)
-    windows = load_windows(args.windows)
-    fp_loss0 = window_loss(model, windows[0])
+    model, windows, fp_loss0 = load_inputs(args)
     timer, weights, straddling = Timer(), {}, 0
     with timer():
         for name, lin in quantizable_linears(model).items():

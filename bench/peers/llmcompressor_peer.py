@@ -12,7 +12,7 @@ i.e. exactly the weights its quantized forward uses. AWQ on CPU needs ``Intermed
 from __future__ import annotations
 
 import torch
-from common import Timer, changed_params, load_model, snapshot_params, load_windows, parse_args, quantizable_linears, save_result, window_loss
+from common import Timer, load_inputs, changed_params, snapshot_params, parse_args, quantizable_linears, save_result
 
 
 def _extra(ap):
@@ -27,11 +27,8 @@ def main() -> None:
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from transformers import AutoTokenizer
 
-    torch.manual_seed(args.seed)
-    model = load_model(args.model)
+    model, windows, fp_loss0 = load_inputs(args)
     tok = AutoTokenizer.from_pretrained(str(args.model))
-    windows = load_windows(args.windows)
-    fp_loss0 = window_loss(model, windows[0])
     n, seqlen = windows.shape
     ds = datasets.Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
     scheme = {"targets": ["Linear"], "weights": {"num_bits": args.wbits, "type": "int", "symmetric": False,

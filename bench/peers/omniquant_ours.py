@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from pathlib import Path
 
 import torch
 from common import load_model, load_windows, parse_args, quantizable_linears, save_result, window_loss
