@@ -58,6 +58,15 @@ def read_packed_model(path: str | Path) -> PackedModel:
     return PackedModel(path, chat, scheme, quantized, records)
 
 
+def model_code_hash() -> str:
+    """sha256 of the model definition and kernels (mlc_schemes/model/*.py): a cached library built from other code
+    is stale even when its weights fingerprint still fits."""
+    h = hashlib.sha256()
+    for f in sorted((Path(__file__).parent / "model").glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
 def fingerprint(pm: PackedModel) -> str:
     """sha256 over model_config, scheme fields and every parameter's (name, shape, stored dtype)."""
     qcfg = {k: v for k, v in (pm.chat.get("quantization_config") or {}).items() if k != "calibration"}
@@ -187,7 +196,7 @@ def compile_packed(packed_dir: str | Path, target_kind: str, output: str | Path,
             "context_window_size": pm.chat.get("context_window_size"),
             "prefill_chunk_size": pm.chat.get("prefill_chunk_size"),
             "compile_seconds": round(time.time() - t0, 2), "tvm_version": tvm.__version__,
-            "cuda_source_sha256": cubin[0] if cubin else None,
+            "cuda_source_sha256": cubin[0] if cubin else None, "model_code_sha256": model_code_hash(),
         }
         meta_tmp = tmp.with_name(tmp.name + META_SUFFIX)
         meta_tmp.write_text(json.dumps(meta, indent=1))
@@ -205,12 +214,14 @@ def compile_packed(packed_dir: str | Path, target_kind: str, output: str | Path,
 
 
 def read_library_meta_if_fits(lib: str | Path, pm: PackedModel) -> dict | None:
-    """The library's metadata when `lib` exists and was compiled for `pm` (same fingerprint), else None."""
+    """The library's metadata when `lib` exists and was compiled for `pm` (same fingerprint) by the current model
+    code, else None (callers then recompile)."""
     mp = meta_path(lib)
     if not (Path(lib).is_file() and mp.is_file()):
         return None
     meta = json.loads(mp.read_text())
-    return meta if meta.get("fingerprint") == fingerprint(pm) else None
+    fits = meta.get("fingerprint") == fingerprint(pm) and meta.get("model_code_sha256") == model_code_hash()
+    return meta if fits else None
 
 
 def meta_path(lib: str | Path) -> Path:

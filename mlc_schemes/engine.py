@@ -12,7 +12,6 @@ Greedy decoding when temperature == 0, else temperature + top-p (nucleus) sampli
 from __future__ import annotations
 
 import json
-import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -298,7 +297,7 @@ def tvm_perplexity(model_dir, lib_path, tokens, seqlen: int, max_windows: int | 
     """Perplexity through the compiled model; same windows and NLL as `omniquant.ppl.perplexity`."""
     import torch
 
-    from omniquant.ppl import window_nlls
+    from omniquant.ppl import from_nlls, window_nlls
 
     eng = Engine(model_dir, lib_path)
     if seqlen > eng.context:
@@ -308,5 +307,4 @@ def tvm_perplexity(model_dir, lib_path, tokens, seqlen: int, max_windows: int | 
         eng.reset()
         return torch.from_numpy(eng.prefill(ids[0].numpy(), all_logits=True))[None]
 
-    nlls = window_nlls(logits_fn, torch.as_tensor(tokens), seqlen, max_windows, desc="ppl (tvm)")
-    return math.exp(sum(nlls) / len(nlls))
+    return from_nlls(window_nlls(logits_fn, torch.as_tensor(tokens), seqlen, max_windows, desc="ppl (tvm)"))

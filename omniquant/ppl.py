@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+
 import math
 
 import torch
@@ -32,8 +33,13 @@ def window_nlls(logits_fn, tokens: torch.Tensor, seqlen: int, max_windows: int |
     return out
 
 
+def from_nlls(nlls: list[float]) -> float:
+    """exp of the mean window NLL (every window has the same length)."""
+    return math.exp(sum(nlls) / len(nlls))
+
+
 def perplexity(model, tokens: torch.Tensor, seqlen: int, max_windows: int | None = None) -> float:
     """Perplexity of an HF causal LM on `tokens` [T] with windows of `seqlen`."""
     device = next(model.parameters()).device
     nlls = window_nlls(lambda ids: model(ids.to(device), use_cache=False).logits, tokens, seqlen, max_windows)
-    return math.exp(sum(nlls) / len(nlls))
+    return from_nlls(nlls)

@@ -133,6 +133,16 @@ def test_fingerprint_mismatch_is_rejected(llama_w3, tmp_path):
         Engine(other, llama_w3 / "lib32.so")
 
 
+def test_cached_library_is_stale_after_model_code_changes(llama_w3, monkeypatch):
+    """Reuse (bench.decode, chat --random-weights) needs the same weights fingerprint AND the same model code."""
+    from mlc_schemes import compile as comp
+
+    pm = comp.read_packed_model(llama_w3 / "packed")
+    assert comp.read_library_meta_if_fits(llama_w3 / "lib32.so", pm) is not None
+    monkeypatch.setattr(comp, "model_code_hash", lambda: "0" * 64)
+    assert comp.read_library_meta_if_fits(llama_w3 / "lib32.so", pm) is None
+
+
 def test_missing_weights_and_long_prompt(llama_w3, tmp_path):
     from mlc_schemes.engine import Engine
 
