@@ -16,7 +16,7 @@ MODEL_NAME := $(notdir $(patsubst %/,%,$(MODEL)))
 QUANT_DIR  := build/$(MODEL_NAME)-$(SCHEME)
 PACKED     ?= $(shell cat build/LAST_PACKED 2>/dev/null)
 
-.PHONY: help setup test demo tiny quantize ppl pack compile chat bench-quality bench-decode bench-pack
+.PHONY: help setup test demo tiny quantize ppl pack compile chat bench-quality bench-readme bench-decode bench-pack
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -42,10 +42,10 @@ ppl:  ## perplexity of the last quantized model on the held-out Austen books
 	$(PYTHON) -m omniquant ppl --model $$(cat build/LAST_QUANT) --data $(EVAL) --seqlen $(SEQLEN) \
 		--max-windows $(MAXWIN) --json $$(cat build/LAST_QUANT).ppl.json
 
-pack:  ## pack the last quantized model into MLC's weight format (SCHEME)
+pack:  ## pack the last quantized model into MLC's weight format (SCHEME; EMBED=w8a16g128asym quantizes the embedding)
 	rm -rf $$(cat build/LAST_QUANT)-packed
 	$(PYTHON) -m omniquant pack --input $$(cat build/LAST_QUANT) --scheme $(SCHEME) \
-		--output $$(cat build/LAST_QUANT)-packed
+		$(if $(EMBED),--embedding-scheme $(EMBED)) --output $$(cat build/LAST_QUANT)-packed
 	@echo $$(cat build/LAST_QUANT)-packed > build/LAST_PACKED
 
 LIB_EXT = $(if $(filter metal webgpu,$(TARGET)),tar,so)
@@ -76,6 +76,9 @@ demo: setup tiny  ## set up, then run the whole chain on the tiny model (a few m
 
 bench-quality:  ## OmniQuant vs RTN/GPTQ/AWQ/AutoRound/HQQ on the real model (--quick setting)
 	$(PYTHON) -m bench.quality --quick
+
+bench-readme:  ## rewrite the README results section (and bench/results/quality-*) from build/bench/quality.json
+	$(PYTHON) -m bench.report --readme README.md
 
 bench-decode:  ## prefill/decode tok/s: compiled W4/W3/fp16 vs torch vs llama.cpp on the real model
 	$(PYTHON) bench/decode.py

@@ -72,7 +72,9 @@ def _time_calibration(preset, windows, epochs: int, args) -> float:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        calibrate_model(model, get_adapter("llama"), windows, cfg, state)
+        # blockwise: with 0 epochs nothing is learned and calibrate_model would skip the capture and the streams,
+        # which T(0) must include
+        calibrate_model(model, get_adapter("llama"), windows, cfg, state, blockwise=True)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         return time.perf_counter() - t0

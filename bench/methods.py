@@ -44,17 +44,20 @@ class Method:
     calibration_free: bool = False
     weight_act: bool = False  # supports w<bits>a<bits> settings
     env_vars: dict = field(default_factory=dict)
+    cost: int = 1  # relative run time in the quick setting: concurrent jobs start the longest first
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("rtn", "RTN (round-to-nearest, ours)", "omniquant_ours.py", None, ("--method", "rtn"), calibration_free=True),
-    Method("gptq", "GPTQ (llm-compressor 0.14)", "llmcompressor_peer.py", "llmcompressor", ("--method", "gptq")),
-    Method("awq", "AWQ (llm-compressor 0.14)", "llmcompressor_peer.py", "llmcompressor", ("--method", "awq")),
-    Method("autoround", "AutoRound (auto-round 0.16)", "autoround_peer.py", "autoround"),
+    Method("gptq", "GPTQ (llm-compressor 0.14)", "llmcompressor_peer.py", "llmcompressor", ("--method", "gptq"),
+           cost=3),
+    Method("awq", "AWQ (llm-compressor 0.14)", "llmcompressor_peer.py", "llmcompressor", ("--method", "awq"),
+           cost=4),
+    Method("autoround", "AutoRound (auto-round 0.16)", "autoround_peer.py", "autoround", cost=5),
     Method("gptqmodel", "GPTQ (gptqmodel 7.6)", "gptqmodel_peer.py", "gptqmodel",
-           env_vars={"GPTQMODEL_CPU_WORKERS": "2", "CUDA_VISIBLE_DEVICES": ""}),
-    Method("hqq", "HQQ (hqq 0.2.8)", "hqq_peer.py", "hqq", calibration_free=True),
-    Method("omniquant", "OmniQuant (ours, LWC)", "omniquant_ours.py", None, ("--method", "omniquant")),
+           env_vars={"GPTQMODEL_CPU_WORKERS": "2", "CUDA_VISIBLE_DEVICES": ""}, cost=3),
+    Method("hqq", "HQQ (hqq 0.2.8)", "hqq_peer.py", "hqq", calibration_free=True, cost=2),
+    Method("omniquant", "OmniQuant (ours, LWC)", "omniquant_ours.py", None, ("--method", "omniquant"), cost=6),
 )}
 
 NOT_RUN = {

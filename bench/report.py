@@ -1,10 +1,23 @@
-"""Render ``quality.json`` as a markdown table and a PNG plot of perplexity vs bits per weight."""
+"""Render ``quality.json`` as a markdown table and a PNG plot of perplexity vs bits per weight, and write the README's
+results section from it.
+
+    python -m bench.report [build/bench/quality.json]                     # quality.md + quality.png beside the JSON
+    python -m bench.report --readme README.md [build/bench/quality.json]  # also bench/results/quality-<mode>.*
+                                                                          # and the README section between the markers
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from pathlib import Path
+
+from omniquant.atomic import atomic_write
+
+README_BEGIN = "<!-- bench-quality:begin -->"
+README_END = "<!-- bench-quality:end -->"
 
 
 def _fmt_ppl(r: dict) -> str:
@@ -18,11 +31,10 @@ def _short(text: str, n: int = 160) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def markdown(data: dict) -> str:
-    """Method x setting table (perplexity, bits/weight, calibration seconds, peak RSS) plus run details."""
+def ppl_table(data: dict) -> list[str]:
+    """Method x setting perplexity table (markdown lines) with its legend."""
     settings = data["settings"]
-    lines = [f"### Perplexity on {data['model']['name']} ({data['eval']['description']})", ""]
-    lines += ["| method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+    lines = ["| method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
     lines.append("| FP32 (unquantized) | " + " | ".join(f"{data['fp_ppl']:.2f}" for _ in settings) + " |")
     for m in data["methods"]:
         cells = []
@@ -37,9 +49,29 @@ def markdown(data: dict) -> str:
                 cell += f" ({r['n_skipped']}/{r['n_linears']} float)"
             cells.append(f"**{cell}**" if best else cell)
         lines.append(f"| {m['label']} | " + " | ".join(cells) + " |")
-    lines += ["", "Bold: lowest perplexity among methods that quantized every decoder linear; \"(k/n float)\": the "
-              "method left k of the n decoder linears unquantized (their in_features is not a multiple of the "
-              "group size).", ""]
+    return lines + ["", "Bold: lowest perplexity among methods that quantized every decoder linear; \"(k/n float)\": "
+                    "the method left k of the n decoder linears unquantized (their in_features is not a multiple of "
+                    "the group size)."]
+
+
+def run_details(data: dict) -> list[str]:
+    """Bullet list: date, machine, versions, settings, jobs/threads, wall time, peers not run."""
+    lines = [f"- {k}: {v}" for k, v in data["run"].items()]
+    peers = sorted({f"{pkg} {ver}" for rs in data["results"].values() for r in rs.values()
+                    for pkg, ver in (r.get("versions") or {}).items() if pkg not in ("torch", "transformers",
+                                                                                      "omniquant-mlc")})
+    if peers:
+        lines.append("- peer versions (own venvs): " + ", ".join(peers))
+    if data.get("not_run"):
+        lines.append("- not run: " + "; ".join(f"{k} ({v})" for k, v in data["not_run"].items()))
+    return lines
+
+
+def markdown(data: dict) -> str:
+    """Method x setting table (perplexity, bits/weight, calibration seconds, peak RSS) plus run details."""
+    settings = data["settings"]
+    lines = [f"### Perplexity on {data['model']['name']} ({data['eval']['description']})", ""]
+    lines += ppl_table(data) + [""]
     lines += ["Bits per weight of the decoder linears (codes + fp16 scale/zero per group; float layers count 16), "
               "calibration wall time and peak RSS of the quantization process:", ""]
     lines += ["| method | setting | bits/weight | float linears | calib. time (s) | peak RSS (GiB) | notes |",
@@ -54,11 +86,7 @@ def markdown(data: dict) -> str:
                 continue
             lines.append(f"| {m['label']} | {s} | {r['bpw']:.2f} | {r['n_skipped']}/{r['n_linears']} | "
                          f"{r['calib_seconds']:.0f} | {r['peak_rss_mib'] / 1024:.2f} | {_short(r.get('notes', ''))} |")
-    lines += ["", "Run details:", ""]
-    for k, v in data["run"].items():
-        lines.append(f"- {k}: {v}")
-    if data.get("not_run"):
-        lines.append("- not run: " + "; ".join(f"{k} ({v})" for k, v in data["not_run"].items()))
+    lines += ["", "Run details:", ""] + run_details(data)
     if data.get("goal"):
         lines += ["", "Goal check (OmniQuant lowest perplexity at every setting): " + data["goal"]]
     return "\n".join(lines) + "\n"
@@ -97,17 +125,102 @@ def plot(data: dict, path: Path) -> bool:
     return True
 
 
+def _partly_float(data: dict) -> str:
+    """One sentence naming the methods that left linears float (their perplexities are not comparable)."""
+    seen = {}
+    for rs in data["results"].values():
+        for name, r in rs.items():
+            if r.get("n_skipped") and r.get("ppl") is not None:
+                seen.setdefault(name, (r["n_skipped"], r["n_linears"], r["bpw"]))
+    if not seen:
+        return ""
+    labels = {m["name"]: m["label"] for m in data["methods"]}
+    parts = [f"{labels.get(n, n)} {k}/{t} ({bpw:.1f} bits/weight)" for n, (k, t, bpw) in seen.items()]
+    return ("Left in float because their in_features is not a multiple of the group size: " + ", ".join(parts)
+            + "; their perplexities are not comparable with those of the methods that quantize every linear.")
+
+
+def readme_section(data: dict, md_link: str, png_link: str | None, source: str = "build/bench/quality.json") -> str:
+    """The README's results section (between the markers): perplexity table, plot, goal check, run details."""
+    quick = data["run"].get("mode") == "quick"
+    lines = [README_BEGIN,
+             f"<!-- generated by `python -m bench.report --readme` from {source}: edit bench/report.py, not this "
+             "section -->",
+             f"### Against other quantizers (`python -m bench.quality{' --quick' if quick else ''}`, "
+             f"{data['eval']['description']})", ""]
+    lines += ppl_table(data)
+    if (note := _partly_float(data)):
+        lines += ["", note]
+    if data.get("goal"):
+        lines += ["", f"**Goal check** (OmniQuant lowest perplexity at every setting): {data['goal']}."]
+    lines += ["", f"Full table with bits/weight, calibration times and peak memory: [`{md_link}`]({md_link})."]
+    if png_link:
+        lines += ["", f"![perplexity vs bits per weight]({png_link})"]
+    lines += ["", "Run:", ""] + run_details(data) + [README_END]
+    return "\n".join(lines)
+
+
+def replace_section(text: str, section: str) -> str:
+    """``text`` with everything from README_BEGIN to README_END (markers included) replaced by ``section``."""
+    begin, end = text.count(README_BEGIN), text.count(README_END)
+    if begin != 1 or end != 1:
+        raise ValueError(f"expected exactly one {README_BEGIN} and one {README_END} line, found {begin} and {end}")
+    i, j = text.index(README_BEGIN), text.index(README_END)
+    if j < i:
+        raise ValueError(f"{README_END} comes before {README_BEGIN}")
+    return text[:i] + section + text[j + len(README_END):]
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def publish(json_path: Path, readme: Path, results_dir: Path) -> list[Path]:
+    """Copy the run into ``results_dir`` as quality-<mode>.{json,md,png} (tracked beside the README) and rewrite
+    the README's marked section from it; returns the files written."""
+    data = json.loads(json_path.read_text())
+    text = readme.read_text()
+    replace_section(text, "")  # check the markers before writing anything
+    stem = f"quality-{data['run'].get('mode', 'full')}"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    out_json, out_md, out_png = (results_dir / f"{stem}{ext}" for ext in (".json", ".md", ".png"))
+    has_png = plot(data, out_png)
+    links = [Path(os.path.relpath(p.resolve(), readme.resolve().parent)).as_posix() for p in (out_md, out_png)]
+    new = replace_section(text, readme_section(data, links[0], links[1] if has_png else None, json_path.as_posix()))
+    write_text_atomic(out_json, json.dumps(data, indent=2) + "\n")
+    plot_md = f"\n![perplexity vs bits per weight]({out_png.name})\n" if has_png else ""
+    write_text_atomic(out_md, markdown(data) + plot_md)
+    write_text_atomic(readme, new)
+    return [out_json, out_md, *([out_png] if has_png else []), readme]
+
+
 def main(argv=None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(description="re-render quality.json as markdown (+ PNG)")
+    ap = argparse.ArgumentParser(description="re-render quality.json as markdown (+ PNG); --readme: also publish "
+                                             "it to the README's marked section")
     ap.add_argument("json", type=Path, nargs="?", default=Path("build/bench/quality.json"))
+    ap.add_argument("--readme", type=Path, help=f"rewrite the part of this file between {README_BEGIN} and "
+                                                f"{README_END}")
+    ap.add_argument("--results-dir", type=Path, default=Path("bench/results"),
+                    help="with --readme: where quality-<mode>.{json,md,png} are copied (default: %(default)s)")
     args = ap.parse_args(argv)
+    if not args.json.exists():
+        print(f"error: {args.json} does not exist (run python -m bench.quality first)", file=sys.stderr)
+        return 2
+    if args.readme:
+        try:
+            written = publish(args.json, args.readme, args.results_dir)
+        except (OSError, ValueError) as e:
+            print(f"error: {args.readme}: {e}", file=sys.stderr)
+            return 2
+        print("wrote " + ", ".join(map(str, written)))
+        return 0
     data = json.loads(args.json.read_text())
     md = markdown(data)
     if plot(data, args.json.with_suffix(".png")):
         md += f"\n![perplexity vs bits per weight]({args.json.with_suffix('.png').name})\n"
-    args.json.with_suffix(".md").write_text(md)
+    write_text_atomic(args.json.with_suffix(".md"), md)
     print(md)
     return 0
 

@@ -2,7 +2,8 @@
 
 Beyond MLC's fields, `quantization_config` holds the scheme's fields plus `quantized_linears`
 (HF module name -> [out_features N, in_features K], the true K that the word padding hides) and the calibration's
-`quant_config.json` under `calibration`; `model_config` is the HF config with these derived fields always present:
+`quant_config.json` under `calibration`, and `embedding_quantization` (the embedding / lm_head scheme's fields plus
+`quantized_tensors`: name -> [V, H]) when those are quantized; `model_config` is the HF config with these derived fields always present:
 head_dim, num_key_value_heads, rope_theta, rope_scaling (None for plain RoPE), attention_bias.
 """
 
@@ -68,7 +69,8 @@ def _conv_template(tokenizer_dir: Path) -> str:
 
 
 def build_chat_config(hf_config: dict, scheme: QuantScheme, quantized_linears: dict[str, list[int]],
-                      source_dir: Path | None, calibration: dict | None = None) -> dict:
+                      source_dir: Path | None, calibration: dict | None = None,
+                      embedding: tuple[QuantScheme, dict] | None = None) -> dict:
     """The `mlc-chat-config.json` dict for a packed model whose HF checkpoint (generation config, tokenizer)
     lies in `source_dir` (None: no tokenizer files, default sampling)."""
     model_config = model_config_from_hf(hf_config)
@@ -80,6 +82,8 @@ def build_chat_config(hf_config: dict, scheme: QuantScheme, quantized_linears: d
     qconfig = scheme.to_json() | {"quantized_linears": quantized_linears}
     if calibration is not None:
         qconfig["calibration"] = calibration
+    if embedding is not None:
+        qconfig["embedding_quantization"] = embedding[0].to_json() | {"quantized_tensors": embedding[1]}
     return {
         "version": CHAT_CONFIG_VERSION,
         "model_type": model_config.get("model_type"),

@@ -37,6 +37,8 @@ class PackedModel:
     scheme: object | None
     quantized: set[str]
     records: dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, stored dtype)
+    embed_scheme: object | None = None  # scheme of the quantized embedding / lm_head (None: float16)
+    quantized_embed: set[str] = frozenset()
 
 
 def read_packed_model(path: str | Path) -> PackedModel:
@@ -55,7 +57,10 @@ def read_packed_model(path: str | Path) -> PackedModel:
 
         scheme = scheme_from_json(qcfg)
         quantized = set(qcfg["quantized_linears"])
-    return PackedModel(path, chat, scheme, quantized, records)
+    from mlc_schemes.unpack import embedding_quantization
+
+    emb = embedding_quantization(chat)
+    return PackedModel(path, chat, scheme, quantized, records, *((emb[0], set(emb[1])) if emb else ()))
 
 
 def model_code_hash() -> str:
@@ -105,7 +110,10 @@ def make_target(kind: str, arch: str = "sm_80"):
 
 
 def build_module(pm: PackedModel, target, dtype: str):
-    """Export the relax IRModule of the model; checks its parameters against the packed records."""
+    """Export the relax IRModule of the model; checks its parameters against the packed records.
+
+    Returns (module, parameter names in call order, param_concat: fused parameter -> the packed tensors that the
+    engine concatenates along axis 0 to make it)."""
     from mlc_schemes.model.llama import LlamaConfig, LlamaForCausalLM
 
     try:
@@ -113,23 +121,29 @@ def build_module(pm: PackedModel, target, dtype: str):
     except ValueError as e:
         raise UserError(str(e)) from None
     backend = "cpu" if target.kind.name == "llvm" else "gpu"
-    model = LlamaForCausalLM(cfg, pm.scheme, pm.quantized, dtype, backend, target)
+    model = LlamaForCausalLM(cfg, pm.scheme, pm.quantized, dtype, backend, target, embed_scheme=pm.embed_scheme,
+                             quantized_embed=pm.quantized_embed)
     mod, named_params, _ext = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
+    concat = model.param_concat
     expected = {name: (tuple(int(x) for x in p.shape), p.dtype) for name, p in named_params}
-    problems = []
+    problems, used = [], set()
     for name, (shape, dt) in expected.items():
-        if name not in pm.records:
-            problems.append(f"missing {name}")
+        sources = concat.get(name, [name])
+        if missing := [s for s in sources if s not in pm.records]:
+            problems.append(f"missing {missing[0]}")
             continue
-        rshape, rdt = pm.records[name]
+        used.update(sources)
+        shapes = [pm.records[s][0] for s in sources]
+        rshape = (sum(s[0] for s in shapes), *shapes[0][1:]) if all(s[1:] == shapes[0][1:] for s in shapes) else None
+        rdt = pm.records[sources[0]][1]
         if rshape != shape or (rdt != dt and (name.endswith(_PACKED_SUFFIXES) or rdt not in ("float16", "float32"))):
-            problems.append(f"{name}: packed {rdt}{list(rshape)}, model needs {dt}{list(shape)}")
-    extra = sorted(set(pm.records) - set(expected))
+            problems.append(f"{name}: packed {rdt}{list(rshape or shapes)}, model needs {dt}{list(shape)}")
+    extra = sorted(set(pm.records) - used)
     if extra:
         problems.append(f"unused tensors {extra[:5]}")
     if problems:
         raise UserError(f"packed weights in {pm.path} do not fit the model: " + "; ".join(problems[:6]))
-    return mod, [name for name, _ in named_params]
+    return mod, [name for name, _ in named_params], concat
 
 
 def _gpu_schedule(mod, target):
@@ -176,7 +190,7 @@ def compile_packed(packed_dir: str | Path, target_kind: str, output: str | Path,
         raise UserError(f"a {target_kind} library is written as {suffix}; got output {output}")
     pm = packed_dir if isinstance(packed_dir, PackedModel) else read_packed_model(packed_dir)
     t0 = time.time()
-    mod, param_names = build_module(pm, target, dtype)
+    mod, param_names, param_concat = build_module(pm, target, dtype)
     if target.kind.name != "llvm":
         mod = _gpu_schedule(mod, target)
     ex = tvm.compile(mod, target)
@@ -193,6 +207,7 @@ def compile_packed(packed_dir: str | Path, target_kind: str, output: str | Path,
             "fingerprint": fingerprint(pm), "target": target_kind, "target_str": str(target),
             "arch": arch if target_kind == "cuda" else None, "dtype": dtype, "model_type": pm.chat.get("model_type"),
             "quantization": pm.chat.get("quantization") if pm.scheme else "none", "param_names": param_names,
+            "param_concat": param_concat,
             "context_window_size": pm.chat.get("context_window_size"),
             "prefill_chunk_size": pm.chat.get("prefill_chunk_size"),
             "compile_seconds": round(time.time() - t0, 2), "tvm_version": tvm.__version__,

@@ -45,7 +45,14 @@ class Stats:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process in MiB (Linux reports ru_maxrss in KiB)."""
+    """Peak resident set size of this process in MiB: VmHWM of /proc/self/status (ru_maxrss, the fallback, keeps
+    the parent's peak across exec on Linux, so a process started by a large one would report the parent's size)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -145,7 +152,9 @@ class Engine:
             from mlc_schemes.weights_dir import read_tensor_cache
 
             params, _ = read_tensor_cache(model_dir, verify=verify)
-        self.params = [self._to_device(name, params[name]) for name in self.meta["param_names"]]
+        concat = self.meta.get("param_concat") or {}
+        self.params = [self._to_device(name, np.concatenate([params[s] for s in concat[name]]) if name in concat
+                                       else params[name]) for name in self.meta["param_names"]]
         if self.meta["target"] == "cuda":
             _install_cubin_hook(self.lib_path, self.meta)
         self.vm = VirtualMachine(tvm.runtime.load_module(str(lib_path)), self.device)

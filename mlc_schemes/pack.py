@@ -3,6 +3,11 @@
 Integer codes come from the calibration's sidecar (`quant_params.safetensors`: scales float32 [N, G], zeros int32
 [N, G]) and are checked to reproduce the fake-quant weights bit for bit before anything is written. Non-quantized
 tensors (norms, embeddings, biases, lm_head) are stored float16 under their HF names.
+
+Optionally (`embedding_scheme`) the token embedding [V, H] and an untied lm_head [V, H] are round-to-nearest
+quantized with a second scheme at pack time, stored like a quantized linear (`model.embed_tokens.q_weight`, ...)
+and listed under `quantization_config.embedding_quantization` (MLC's quantize_embedding / quantize_final_fc). OmniQuant
+does not calibrate them; the tied embedding is also the lm_head, the largest single weight read per decoded token.
 """
 
 from __future__ import annotations
@@ -102,6 +107,22 @@ def _fakequant_linear(name: str, weight: np.ndarray, scales: np.ndarray, zeros: 
     yield from linear_params(name, codes, scales, zeros, scheme)
 
 
+EMBEDDING_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def _rtn_linear(name: str, weight: np.ndarray, scheme: QuantScheme) -> Iterator[tuple[str, np.ndarray]]:
+    """Round-to-nearest codes of a float weight [N, K] under `scheme` (the calibration's quantizer without LWC:
+    same fp16-exact scales, zero and ragged-group rule), packed."""
+    import torch
+
+    from omniquant.quant.lwc import LWCQuantizer
+    from omniquant.quant.spec import WeightQuantSpec
+
+    spec = WeightQuantSpec(scheme.bits, scheme.group_size, scheme.symmetric)
+    w_fq, scales, zeros = LWCQuantizer(weight.shape, spec, lwc=False).export(torch.from_numpy(weight))
+    yield from _fakequant_linear(name, w_fq.numpy(), scales.numpy(), zeros.numpy(), scheme)
+
+
 def to_float16(name: str, arr: np.ndarray) -> np.ndarray:
     """A non-quantized tensor as stored (float16); UserError when finite values overflow float16."""
     half = np.asarray(arr).astype(np.float16)
@@ -113,19 +134,21 @@ def to_float16(name: str, arr: np.ndarray) -> np.ndarray:
 def write_packed_model(output_dir: str | Path, hf_config: dict, scheme: QuantScheme,
                        params: Iterable[tuple[str, np.ndarray]], quantized_linears: dict[str, list[int]],
                        logical_params: Callable[[], int], source_dir: Path | None = None,
-                       calibration: dict | None = None) -> Path:
+                       calibration: dict | None = None, embedding: tuple[QuantScheme, dict] | None = None) -> Path:
     """Write a complete packed directory atomically: tensor cache of `params` (as stored: uint32 / fp16),
     `mlc-chat-config.json`, and the tokenizer files of `source_dir` (if given).
 
     `quantized_linears`: name -> [N, K]; `logical_params()` (called after `params` is exhausted): parameter count
-    of the unquantized model. Used by `pack_checkpoint`, and usable for synthetic weights (random-weight benches).
+    of the unquantized model. `embedding`: (scheme, name -> [V, H]) of quantized embedding / lm_head tensors. Used
+    by `pack_checkpoint`, and usable for synthetic weights (random-weight benches).
     """
     output_dir = Path(output_dir)
     if output_dir.exists():
         raise UserError(f"output {output_dir} already exists; choose a new path or remove it")
     with atomic_dir(output_dir) as tmp:
         write_tensor_cache(params, tmp, logical_params_fn=logical_params)
-        chat = build_chat_config(hf_config, scheme, quantized_linears, source_dir, calibration=calibration)
+        chat = build_chat_config(hf_config, scheme, quantized_linears, source_dir, calibration=calibration,
+                                 embedding=embedding)
         (tmp / CHAT_CONFIG).write_text(json.dumps(chat, indent=2) + "\n")
         if source_dir is not None:
             copy_tokenizer(source_dir, tmp, chat["tokenizer_files"])
@@ -133,8 +156,9 @@ def write_packed_model(output_dir: str | Path, hf_config: dict, scheme: QuantSch
 
 
 def pack_checkpoint(fakequant_dir: str | Path, scheme_name: str, output_dir: str | Path,
-                    progress: bool = True) -> Path:
-    """Pack the fake-quant checkpoint in `fakequant_dir` with scheme `scheme_name` into new dir `output_dir`.
+                    progress: bool = True, embedding_scheme: str | None = None) -> Path:
+    """Pack the fake-quant checkpoint in `fakequant_dir` with scheme `scheme_name` into new dir `output_dir`;
+    with `embedding_scheme`, the embedding (and an untied lm_head) are RTN-quantized with that scheme.
 
     Raises UserError for a missing / inconsistent sidecar, a scheme that does not match the calibration, or an
     existing `output_dir`; on any failure nothing is left at `output_dir`.
@@ -144,6 +168,7 @@ def pack_checkpoint(fakequant_dir: str | Path, scheme_name: str, output_dir: str
 
     src, output_dir = Path(fakequant_dir), Path(output_dir)
     scheme = get_scheme(scheme_name)
+    embed_scheme = get_scheme(embedding_scheme) if embedding_scheme else None
     if output_dir.exists():
         raise UserError(f"output {output_dir} already exists; choose a new path or remove it")
     hf_config = _read_json(src / "config.json", "HF config")
@@ -172,6 +197,9 @@ def pack_checkpoint(fakequant_dir: str | Path, scheme_name: str, output_dir: str
         names.remove("lm_head.weight")  # tied to the embedding: stored once, as HF does
     quantized = {f"{n}.weight": n for n in linears}
     logical = sum(np.prod(weights.shape(n), dtype=np.int64) for n in names)
+    embedded = {n.removesuffix(".weight"): weights.shape(n) for n in EMBEDDING_TENSORS if n in names}
+    if embed_scheme is not None and not embedded:
+        raise UserError(f"--embedding-scheme {embed_scheme.name}: the checkpoint has no {EMBEDDING_TENSORS[0]}")
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
         for name in tqdm(names, desc=f"pack {scheme.name}", unit="tensor", disable=not progress):
@@ -180,8 +208,10 @@ def pack_checkpoint(fakequant_dir: str | Path, scheme_name: str, output_dir: str
                 lin = quantized[name]
                 yield from _fakequant_linear(lin, arr, sidecar.get_tensor(f"{lin}.scales"),
                                              sidecar.get_tensor(f"{lin}.zeros"), scheme)
+            elif embed_scheme is not None and name.removesuffix(".weight") in embedded:
+                yield from _rtn_linear(name.removesuffix(".weight"), arr, embed_scheme)
             else:
                 yield name, to_float16(name, arr)
 
     return write_packed_model(output_dir, hf_config, scheme, tensors(), shapes, lambda: int(logical), src,
-                              calibration=qconfig)
+                              calibration=qconfig, embedding=(embed_scheme, embedded) if embed_scheme else None)

@@ -40,30 +40,37 @@ def _linears(cfg: dict) -> dict[str, list[int]]:
     return out
 
 
-def _specs(cfg: dict, scheme, linears) -> list[tuple[str, tuple[int, ...], str, str]]:
+def _packed_specs(name: str, n: int, k: int, scheme) -> list[tuple[str, tuple[int, ...], str, str]]:
+    """Specs of one [n, k] weight: float16 `weight` (scheme None) or q_weight / q_scale (/ q_zero)."""
+    if scheme is None:
+        return [(name + ".weight", (n, k), "float16", "dense")]
+    g = scheme.num_groups(k)
+    out = [(name + ".q_weight", (n, scheme.num_words(k)), "uint32", "codes"),
+           (name + ".q_scale", (n, g), "float16", "scale")]
+    if scheme.stores_zero:
+        out.append((name + ".q_zero", (n, g), "float16", "zero"))
+    return out
+
+
+def _specs(cfg: dict, scheme, linears, embed_scheme=None) -> list[tuple[str, tuple[int, ...], str, str]]:
     """(name, shape, dtype, kind) of every tensor; kind in dense / ones / codes / scale / zero."""
-    h = cfg["hidden_size"]
-    out = [("model.embed_tokens.weight", (cfg["vocab_size"], h), "float16", "dense")]
+    h, v = cfg["hidden_size"], cfg["vocab_size"]
+    out = _packed_specs("model.embed_tokens", v, h, embed_scheme)
     for name, (n, k) in linears.items():
-        if scheme is None:
-            out.append((name + ".weight", (n, k), "float16", "dense"))
-            continue
-        g = scheme.num_groups(k)
-        out.append((name + ".q_weight", (n, scheme.num_words(k)), "uint32", "codes"))
-        out.append((name + ".q_scale", (n, g), "float16", "scale"))
-        if scheme.stores_zero:
-            out.append((name + ".q_zero", (n, g), "float16", "zero"))
+        out += _packed_specs(name, n, k, scheme)
     for layer in range(cfg["num_hidden_layers"]):
         for norm in ("input_layernorm", "post_attention_layernorm"):
             out.append((f"model.layers.{layer}.{norm}.weight", (h,), "float16", "ones"))
     out.append(("model.norm.weight", (h,), "float16", "ones"))
     if not cfg["tie_word_embeddings"]:
-        out.append(("lm_head.weight", (cfg["vocab_size"], h), "float16", "dense"))
+        out += _packed_specs("lm_head", v, h, embed_scheme)
     return out
 
 
-def random_packed_model(preset: str, scheme_name: str, seed: int = 0, context: int = 2048, materialize: bool = True):
-    """-> (PackedModel, params {name: numpy} or None) for `preset` with `scheme_name` ("none" = fp16 dense).
+def random_packed_model(preset: str, scheme_name: str, seed: int = 0, context: int = 2048, materialize: bool = True,
+                        embedding_scheme: str | None = None):
+    """-> (PackedModel, params {name: numpy} or None) for `preset` with `scheme_name` ("none" = fp16 dense) and
+    the embedding / lm_head with `embedding_scheme` (None = fp16).
 
     `materialize=False` gives the records only (enough to compile; a 7B fp16 model is 13.5 GB of arrays).
     """
@@ -73,12 +80,11 @@ def random_packed_model(preset: str, scheme_name: str, seed: int = 0, context: i
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     cfg = dict(PRESETS[preset])
     linears = _linears(cfg)
-    scheme = None
-    if scheme_name not in NO_QUANT:
-        from mlc_schemes.schemes import get_scheme
+    from mlc_schemes.schemes import get_scheme
 
-        scheme = get_scheme(scheme_name)
-    specs = _specs(cfg, scheme, linears)
+    scheme = get_scheme(scheme_name) if scheme_name not in NO_QUANT else None
+    embed = get_scheme(embedding_scheme) if embedding_scheme else None
+    specs = _specs(cfg, scheme, linears, embed)
     params = None
     if materialize:
         rng = np.random.default_rng(seed)
@@ -91,16 +97,25 @@ def random_packed_model(preset: str, scheme_name: str, seed: int = 0, context: i
                 params[name] = np.resize(base_f16, shape)
             elif kind == "ones":
                 params[name] = np.ones(shape, np.float16)
-            elif kind == "codes":  # keep the pad bits of 3-bit words zero
-                params[name] = np.resize(base_u32, shape) & np.uint32((1 << (scheme.bits * scheme.elems_per_word)) - 1)
-            elif kind == "scale":
-                params[name] = np.full(shape, 1e-3, np.float16)
             else:
-                params[name] = np.full(shape, 2 ** (scheme.bits - 1), np.float16)
+                sch = embed if name.startswith(("model.embed_tokens.", "lm_head.")) else scheme
+                if kind == "codes":  # keep the pad bits of 3-bit words zero
+                    params[name] = np.resize(base_u32, shape) & np.uint32((1 << (sch.bits * sch.elems_per_word)) - 1)
+                elif kind == "scale":
+                    params[name] = np.full(shape, 1e-3, np.float16)
+                else:
+                    params[name] = np.full(shape, 2 ** (sch.bits - 1), np.float16)
     context = min(context, cfg["max_position_embeddings"])
     qcfg = (scheme.to_json() | {"quantized_linears": linears}) if scheme else {}
+    emb_names = {"model.embed_tokens": [cfg["vocab_size"], cfg["hidden_size"]]}
+    if not cfg["tie_word_embeddings"]:
+        emb_names["lm_head"] = [cfg["vocab_size"], cfg["hidden_size"]]
+    if embed is not None:
+        qcfg["embedding_quantization"] = embed.to_json() | {"quantized_tensors": emb_names}
     chat = {"model_type": cfg["model_type"], "quantization": scheme.name if scheme else "none",
             "quantization_config": qcfg, "model_config": cfg, "vocab_size": cfg["vocab_size"],
             "context_window_size": context, "prefill_chunk_size": context, "eos_token_id": None}
     records = {name: (shape, dtype) for name, shape, dtype, _ in specs}
-    return PackedModel(Path(f"<random {preset}>"), chat, scheme, set(linears) if scheme else set(), records), params
+    pm = PackedModel(Path(f"<random {preset}>"), chat, scheme, set(linears) if scheme else set(), records,
+                     embed, set(emb_names) if embed else frozenset())
+    return pm, params

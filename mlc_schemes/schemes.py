@@ -9,7 +9,8 @@ A scheme says how the integer codes of a quantized linear `W[N, K]` (out, in) ar
   `max_int = 2^(bits-1) - 1`, codes in `[0, 2 * max_int]`.
 
 The names keep MLC-LLM's (`q4f16_1`: int4 group 32, `q3f16_1`: int3 group 40) and the old OmniQuant MLC flow's
-(`w3a16g128asym`: int3, group 128, fp16 scale and zero).
+(`w3a16g128asym`: int3, group 128, fp16 scale and zero). The token embedding (and an untied lm_head) may be stored
+with a second scheme, as MLC's `quantize_embedding` / `quantize_final_fc` do: see `mlc_schemes.pack`.
 """
 
 from __future__ import annotations
@@ -38,9 +39,6 @@ class QuantScheme:
     model_dtype: str = "float16"
     linear_weight_layout: str = "NK"
     packing_order: str = PACKING_ORDER
-    # OmniQuant calibrates the decoder linears only; embedding and lm_head stay float16 unless a scheme says so.
-    quantize_embedding: bool = False
-    quantize_final_fc: bool = False
 
     kind: ClassVar[str] = "abstract"
 
@@ -53,8 +51,6 @@ class QuantScheme:
             raise ValueError(f"{self.name}: group_size must be positive or -1 (per-channel), got {self.group_size}")
         if self.linear_weight_layout != "NK":
             raise ValueError(f"{self.name}: only the NK weight layout is supported")
-        if self.quantize_embedding or self.quantize_final_fc:
-            raise ValueError(f"{self.name}: quantized embedding / lm_head are not supported by the packer")
 
     @property
     def elems_per_word(self) -> int:
@@ -193,6 +189,8 @@ SCHEMES: dict[str, QuantScheme] = _registry(
     GroupQuantAsym("w3a16g64asym", bits=3, group_size=64),
     GroupQuantAsym("w4a16g64asym", bits=4, group_size=64),
     GroupQuantAsym("w4a16g32asym", bits=4, group_size=32),
+    GroupQuantAsym("w8a16g128asym", bits=8, group_size=128),  # e.g. for the embedding / lm_head (pack --embedding-scheme)
+    GroupQuantAsym("w8a16g32asym", bits=8, group_size=32),
     PerChannelAsym("w4a16asym", bits=4),
     PerChannelAsym("w3a16asym", bits=3),
     GroupQuantSym("q4f16_1", bits=4, group_size=32),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mlc_schemes.unpack import load_packed, scheme_of
+from mlc_schemes.unpack import embedding_quantization, load_packed, scheme_of
 from mlc_schemes.weights_dir import shard_files
 
 
@@ -31,8 +31,10 @@ def size_report(directory: str | Path) -> dict:
     meta = json.loads((directory / "tensor-cache.json").read_text())["metadata"]
     shards = shard_files(directory)
     files = [p for p in directory.iterdir() if p.is_file()]
+    emb = embedding_quantization(chat_config)
     return {
         "scheme": scheme.name,
+        "embedding_scheme": emb[0].name if emb else None,
         "shards": len(shards),
         "shard_bytes": sum(p.stat().st_size for p in shards),
         "dir_bytes": sum(p.stat().st_size for p in files),

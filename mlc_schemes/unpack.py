@@ -46,12 +46,20 @@ def load_packed(directory: str | Path, verify: bool = True) -> tuple[dict, dict[
     params, _ = read_tensor_cache(directory, verify=verify)
     qc = chat_config.get("quantization_config") or {}
     _check_linears(params, scheme_from_json(qc), qc.get("quantized_linears", {}))
+    if (emb := embedding_quantization(chat_config)) is not None:
+        _check_linears(params, *emb)
     return chat_config, params
 
 
 def scheme_of(chat_config: dict) -> QuantScheme:
     """The scheme a packed directory was written with (from its `quantization_config`)."""
     return scheme_from_json(chat_config["quantization_config"])
+
+
+def embedding_quantization(chat_config: dict) -> tuple[QuantScheme, dict[str, list[int]]] | None:
+    """(scheme, name -> [V, H]) of the quantized embedding / lm_head tensors, or None when they are float16."""
+    eq = (chat_config.get("quantization_config") or {}).get("embedding_quantization")
+    return None if not eq else (scheme_from_json(eq), eq["quantized_tensors"])
 
 
 def dequantize_linear(params: dict[str, np.ndarray], name: str, k: int, scheme: QuantScheme) -> np.ndarray:
@@ -63,12 +71,14 @@ def dequantize_linear(params: dict[str, np.ndarray], name: str, k: int, scheme: 
 
 def dequantized_state_dict(chat_config: dict, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """HF-named float32 state dict: quantized linears dequantized, everything else widened from float16."""
-    scheme = scheme_of(chat_config)
-    linears = chat_config["quantization_config"]["quantized_linears"]
-    owned = {f"{name}.{s}" for name in linears for s in ("q_weight", "q_scale", "q_zero")}
+    groups = [(scheme_of(chat_config), chat_config["quantization_config"]["quantized_linears"])]
+    if (emb := embedding_quantization(chat_config)) is not None:
+        groups.append(emb)
+    owned = {f"{name}.{s}" for _, names in groups for name in names for s in ("q_weight", "q_scale", "q_zero")}
     state = {name: arr.astype(np.float32) for name, arr in params.items() if name not in owned}
-    for name, (_, k) in linears.items():
-        state[f"{name}.weight"] = dequantize_linear(params, name, k, scheme)
+    for scheme, names in groups:
+        for name, (_, k) in names.items():
+            state[f"{name}.weight"] = dequantize_linear(params, name, k, scheme)
     return state
 
 

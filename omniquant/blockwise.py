@@ -9,6 +9,9 @@ quantized blocks 0..i-1):
 
 Then the learned transform is fused into the weights (quantized in place), X_fp <- target, X_q <- F_i^q(X_q).
 Learned parameters of each finished block are saved atomically, so a killed run resumes bit for bit.
+
+When nothing is learned (RTN, or LWC at its init: see `learns_nothing`) the weights are quantized directly, without
+capturing inputs or running the streams; the result is the same bit for bit.
 """
 
 from __future__ import annotations
@@ -186,15 +189,81 @@ def _to(v, device):
     return v
 
 
-def calibrate_model(model: nn.Module, adapter: Adapter, windows: torch.Tensor, cfg: CalibConfig,
-                    state: RunState, resume: bool = False, make_let=None, act_quantizer_factory=None) -> CalibResult:
-    """Quantize `model` in place block by block. windows: LongTensor [nsamples, seqlen].
+# Tests set this to False to force the block-wise path where the direct one would apply (they must agree exactly).
+_DIRECT_PATH = True
+
+
+def learns_nothing(cfg: CalibConfig) -> bool:
+    """True when calibration has nothing to learn or to apply besides the weight quantizer at its initial clipping:
+    no LWC training (epochs 0 or --no-lwc), no LET, weight-only (no activation / KV quantizers). Then a block's
+    quantized weights depend on its own float weights only (aug_loss changes a loss that is never minimised), so the
+    calibration windows are not needed and the block inputs are neither captured nor streamed through the blocks."""
+    return (_DIRECT_PATH and (cfg.epochs == 0 or not cfg.lwc) and not cfg.let
+            and cfg.abits == 16 and cfg.kv_bits == 16)
+
+
+def _quant_linears(block: nn.Module, adapter: Adapter, spec: WeightQuantSpec, cfg: CalibConfig,
+                   act_quantizer_factory=None) -> dict[str, QuantLinear]:
+    qlinears = replace_linears(block, adapter.linears, lambda lin: QuantLinear(lin, spec, lwc=cfg.lwc))
+    if act_quantizer_factory is not None:
+        for name, q in qlinears.items():
+            q.act_quantizer = act_quantizer_factory(name)
+    return qlinears
+
+
+def _kill_hook(i: int) -> None:
+    """Test hook: simulate a crash after block i (OMNIQUANT_TEST_KILL_AFTER_BLOCK=i)."""
+    kill_after = os.environ.get("OMNIQUANT_TEST_KILL_AFTER_BLOCK")
+    if kill_after is not None and int(kill_after) == i:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def calibrate_model(model: nn.Module, adapter: Adapter, windows: torch.Tensor | None, cfg: CalibConfig,
+                    state: RunState, resume: bool = False, make_let=None, act_quantizer_factory=None,
+                    blockwise: bool = False) -> CalibResult:
+    """Quantize `model` in place block by block. windows: LongTensor [nsamples, seqlen] (may be None when
+    `learns_nothing(cfg)`: then the weights are quantized directly, with the same result bit for bit, unless
+    `blockwise` asks for the block-wise loop anyway, e.g. to time its fixed costs in bench.calib_speed).
 
     make_let(block, qlinears, cfg, block_index) -> LET nn.Module or None. It is attached to the block as
     `LET_ATTR` during calibration and must offer apply_temporary() (set the QuantLinears' temp_weight/temp_bias
     from the current scales/shifts, before each forward) and fuse() (fold into norms/weights for good);
     act_quantizer_factory(name) -> activation quantizer module or None (weight-activation runs).
     """
+    if not blockwise and learns_nothing(cfg) and make_let is None and act_quantizer_factory is None:
+        return _quantize_directly(model, adapter, cfg, state, resume)
+    if windows is None:
+        raise ValueError("calibrate_model: this configuration learns parameters and needs calibration windows")
+    return _calibrate_blockwise(model, adapter, windows, cfg, state, resume, make_let, act_quantizer_factory)
+
+
+def _quantize_directly(model: nn.Module, adapter: Adapter, cfg: CalibConfig, state: RunState,
+                       resume: bool) -> CalibResult:
+    """The nothing-learned case (RTN, or LWC at its init): quantize every block's linears from their own weights.
+
+    No per-block state is saved: a killed run redoes all blocks on --resume (cheap, deterministic); the state
+    directory is still opened, so a stale or mismatched one is refused exactly as on the block-wise path.
+    """
+    device = torch.device(cfg.device)
+    spec = WeightQuantSpec(cfg.wbits, cfg.group_size, cfg.symmetric)
+    blocks = adapter.blocks(model)
+    state.open(resume)
+    result = CalibResult()
+    for i in tqdm(range(len(blocks)), desc="blocks (direct)"):
+        block = blocks[i].to(device)
+        block.requires_grad_(False)
+        qlinears = _quant_linears(block, adapter, spec, cfg)
+        block.to(device)
+        _fuse(block, qlinears, None, f"{adapter.blocks_path}.{i}", result)
+        # the same log as the block-wise path gives an untrained block
+        result.block_log.append({"block": i, "epoch_loss": [], "nan": None})
+        blocks[i] = block.to("cpu") if device.type != "cpu" else block
+        _kill_hook(i)
+    return result
+
+
+def _calibrate_blockwise(model, adapter, windows, cfg, state, resume, make_let, act_quantizer_factory) -> CalibResult:
+    """The OmniQuant loop (module docstring): capture block 0's inputs, then train and quantize block by block."""
     device = torch.device(cfg.device)
     spec = WeightQuantSpec(cfg.wbits, cfg.group_size, cfg.symmetric)
     blocks = adapter.blocks(model)
@@ -204,20 +273,13 @@ def calibrate_model(model: nn.Module, adapter: Adapter, windows: torch.Tensor, c
     q_inps = fp_inps.clone()
     kwargs = {k: _to(v, device) for k, v in kwargs.items()}
     result = CalibResult()
-    kill_after = os.environ.get("OMNIQUANT_TEST_KILL_AFTER_BLOCK")  # test hook: simulate a crash
     for i in tqdm(range(len(blocks)), desc="blocks"):
         block = blocks[i].to(device)
         block.requires_grad_(False)
         prefix = f"{adapter.blocks_path}.{i}"
         fp_outs = _run_stream(block, fp_inps, kwargs)
         aug_outs = _run_stream(block, q_inps, kwargs) if cfg.aug_loss else None
-        qlinears = replace_linears(
-            block, adapter.linears,
-            lambda lin: QuantLinear(lin, spec, lwc=cfg.lwc),
-        )
-        if act_quantizer_factory is not None:
-            for name, q in qlinears.items():
-                q.act_quantizer = act_quantizer_factory(name)
+        qlinears = _quant_linears(block, adapter, spec, cfg, act_quantizer_factory)
         let = make_let(block, qlinears, cfg, i) if make_let is not None else None
         if let is not None:
             setattr(block, LET_ATTR, let)
@@ -235,6 +297,5 @@ def calibrate_model(model: nn.Module, adapter: Adapter, windows: torch.Tensor, c
         q_inps = _run_stream(block, q_inps, kwargs)
         fp_inps = fp_outs
         blocks[i] = block.to("cpu") if device.type != "cpu" else block
-        if kill_after is not None and int(kill_after) == i:
-            os.kill(os.getpid(), signal.SIGKILL)
+        _kill_hook(i)
     return result

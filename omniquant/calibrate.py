@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from omniquant.blockwise import RunState, calibrate_model
+from omniquant.blockwise import RunState, calibrate_model, learns_nothing
 from omniquant.config import SUPPORTED_ABITS, CalibConfig
 from omniquant.data import load_tokens, sample_windows
 from omniquant.errors import UserError
@@ -87,8 +87,10 @@ def quantize_in_memory(model_path, cfg: CalibConfig, state_dir: Path, resume: bo
         raise UserError(f"--let: the {adapter.name} adapter declares no LET sites")
     torch.manual_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    tokens = load_tokens(tokenizer, cfg.calib_data, split="calib")
-    windows = sample_windows(tokens, cfg.nsamples, cfg.seqlen, cfg.seed)
+    windows = None  # RTN / LWC at its init quantizes the weights directly: no calibration text is read
+    if not learns_nothing(cfg):
+        windows = sample_windows(load_tokens(tokenizer, cfg.calib_data, split="calib"), cfg.nsamples, cfg.seqlen,
+                                 cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     model.eval()
     model.config.use_cache = False

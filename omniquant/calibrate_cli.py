@@ -18,7 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="directory for the fake-quant checkpoint (must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--calib-data", default=D.calib_data,
-                   help="text file, folder of .txt, comma-separated list, or wikitext2/c4/ptb (datasets cache)")
+                   help="text file, folder of .txt, comma-separated list, or wikitext2/c4/ptb (datasets cache); "
+                        "not read when nothing is learned (--epochs 0 or --no-lwc, weight-only, no --let)")
     p.add_argument("--wbits", type=int, default=D.wbits, help="weight bits: 2, 3, 4, 6 or 8")
     p.add_argument("--abits", type=int, default=D.abits, help="activation bits: 4, 6, 8 or 16 (16 = weight-only)")
     p.add_argument("--kv-bits", type=int, default=D.kv_bits, help="KV-cache bits (16 = not quantized)")

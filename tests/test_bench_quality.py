@@ -137,3 +137,192 @@ def test_report_plot_writes_png(tmp_path):
 
     assert plot(_fake_results(), tmp_path / "q.png")
     assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_readme_section_is_rewritten_from_json_between_markers(tmp_path):
+    import json
+
+    from bench.report import README_BEGIN, README_END, main
+
+    data = _fake_results()
+    data["run"] = {"date": "2026-11-23 10:00 UTC", "mode": "quick", "machine": "x86_64, 2 CPU cores",
+                   "versions (main env)": "torch 2.13.0+cpu", "jobs (method processes at once)": 2}
+    data["results"]["w3g128"]["gptq"] = {"ppl": 26.4, "bpw": 12.81, "n_skipped": 180, "n_linears": 210,
+                                         "calib_seconds": 5.0, "peak_rss_mib": 1024.0, "notes": "",
+                                         "versions": {"torch": "2.13.0", "llmcompressor": "0.14.0.1"}}
+    data["methods"].append({"name": "gptq", "label": "GPTQ"})
+    (tmp_path / "quality.json").write_text(json.dumps(data))
+    head, tail = "# Title\n\nintro with | pipes |\n\n", "\n\n### Next section\nkept\n"
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{head}{README_BEGIN}\n### Old\n| OmniQuant | 99.99 |\n{README_END}{tail}")
+    argv = [str(tmp_path / "quality.json"), "--readme", str(readme), "--results-dir", str(tmp_path / "res")]
+    assert main(argv) == 0
+    text = readme.read_text()
+    assert text.startswith(head + README_BEGIN) and text.endswith(README_END + tail)
+    section = text[len(head):-len(tail)]
+    assert "99.99" not in section and "### Old" not in section
+    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in section.splitlines()
+            if ln.startswith("| ") and ln.count("|") == 4}
+    assert rows["OmniQuant"] == ["**29.50**", "45.00"] and rows["GPTQ"] == ["—", "26.40 (180/210 float)"]
+    for fact in ("2026-11-23 10:00 UTC", "x86_64, 2 CPU cores", "torch 2.13.0+cpu", "llmcompressor 0.14.0.1",
+                 "jobs (method processes at once): 2", "w3g128: NOT met", "GPTQ 180/210", "--quick"):
+        assert fact in section, fact
+    assert "[`res/quality-quick.md`](res/quality-quick.md)" in section
+    assert json.loads((tmp_path / "res" / "quality-quick.json").read_text()) == data
+    assert "| OmniQuant | w4g128 | 4.28 |" in (tmp_path / "res" / "quality-quick.md").read_text()
+    assert main(argv) == 0 and readme.read_text() == text  # idempotent
+
+    readme.write_text("no markers\n")
+    assert main([*argv[:4], str(tmp_path / "res2")]) == 2
+    assert readme.read_text() == "no markers\n" and not (tmp_path / "res2").exists()
+
+
+def test_schedule_keeps_jobs_slots_and_evaluates_in_the_freed_one():
+    import threading
+    import time
+
+    from bench.quality import schedule
+
+    def trial(jobs, durations):
+        lock, running, started, seen = threading.Lock(), set(), [], {"max": 0, "during_done": []}
+
+        def run_one(i):
+            with lock:
+                running.add(i)
+                started.append(i)
+                seen["max"] = max(seen["max"], len(running))
+            time.sleep(durations[i])
+            with lock:
+                running.discard(i)
+            return i * 10
+
+        results = {}
+
+        def on_done(i, r):
+            assert threading.current_thread() is threading.main_thread()
+            with lock:
+                seen["during_done"].append(len(running))
+            time.sleep(0.03)  # "evaluation": no new task may start meanwhile
+            with lock:
+                seen["during_done"].append(len(running))
+            results[i] = r
+
+        schedule(range(len(durations)), jobs, run_one, on_done)
+        return started, seen, results
+
+    durations = [0.25, 0.05, 0.05, 0.1, 0.05, 0.05]
+    started, seen, results = trial(2, durations)
+    assert results == {i: i * 10 for i in range(6)} and started == list(range(6))
+    assert seen["max"] == 2 and max(seen["during_done"]) <= 1
+    started, seen, results = trial(1, durations)
+    assert started == list(range(6)) and seen["max"] == 1 and set(seen["during_done"]) == {0}
+    assert len(results) == 6
+
+    def boom(i):
+        raise RuntimeError("method crashed the harness")
+
+    with pytest.raises(RuntimeError, match="crashed"):
+        schedule([0], 2, boom, lambda *a: None)
+
+
+def test_jobs_and_threads_defaults(monkeypatch):
+    from bench import quality
+    from omniquant.errors import UserError
+
+    monkeypatch.setattr(quality.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(quality.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+    parse = lambda *a: quality.build_parser().parse_args(list(a))
+    assert quality._jobs_and_threads(parse("--quick")) == (2, 2)
+    assert quality._jobs_and_threads(parse("--quick", "--jobs", "1")) == (1, 4)
+    assert quality._jobs_and_threads(parse()) == (1, 4)
+    assert quality._jobs_and_threads(parse("--quick", "--jobs", "3", "--threads", "2")) == (3, 2)
+    monkeypatch.setattr(quality.os, "getloadavg", lambda: (9.0, 9.0, 9.0))  # oversubscribed: 1 thread each
+    assert quality._jobs_and_threads(parse("--quick")) == (2, 1)
+    with pytest.raises(UserError, match="--jobs"):
+        quality._jobs_and_threads(parse("--jobs", "0"))
+
+
+def test_quick_autoround_budget_equals_omniquant_and_lwc_lr_is_forwarded(tmp_path):
+    from bench.methods import METHODS
+    from bench.quality import FULL, QUICK, _method_cmd
+
+    # the same windows of 512 tokens per block: AutoRound iters x batch = OmniQuant epochs x calibration windows
+    assert QUICK.autoround_iters * QUICK.autoround_batch == QUICK.epochs * QUICK.n_calib
+    assert FULL.lwc_lr == 1e-2 and QUICK.lwc_lr > FULL.lwc_lr
+    s = parse_setting("w3g128")
+
+    def cmd(name, cfg):
+        c = _method_cmd(METHODS[name], tmp_path / "py", tmp_path / "m", tmp_path / "w", s, tmp_path / "o", cfg, "src")
+        return dict(zip(c[2::2], c[3::2])) if name == "autoround" else c
+
+    assert cmd("autoround", QUICK)["--iters"] == str(QUICK.autoround_iters)
+    assert cmd("autoround", QUICK)["--batch-size"] == str(QUICK.autoround_batch)
+    omni = cmd("omniquant", QUICK)
+    assert float(omni[omni.index("--lwc-lr") + 1]) == QUICK.lwc_lr
+    assert "--lwc-lr" not in cmd("rtn", QUICK)
+
+
+# A stand-in method script: the real contract (bench/peers/common.py), a perturbed copy of one linear, a sleep so
+# that concurrent runs overlap, and a log line with its start/end time and thread count.
+FAKE_METHOD = '''
+import json, os, sys, time
+sys.path.insert(0, os.path.join(os.environ["PYTHONPATH"], "bench", "peers"))
+import torch
+from common import load_inputs, parse_args, save_result
+
+args = parse_args(lambda ap: (ap.add_argument("--calib-data"), ap.add_argument("--scale", type=float)))
+t0 = time.time()
+model, windows, fp_loss0 = load_inputs(args)
+w = model.get_submodule("model.layers.0.self_attn.q_proj").weight.detach()
+time.sleep(1.0)
+save_result(args.out, {"model.layers.0.self_attn.q_proj": w * (1 + args.scale / args.wbits)}, calib_seconds=1.0,
+            skipped={}, fp_loss0=fp_loss0)
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write(json.dumps({"out": str(args.out), "start": t0, "end": time.time(),
+                        "omp": os.environ.get("OMP_NUM_THREADS")}) + "\\n")
+'''
+
+
+def _overlaps(log) -> int:
+    return sum(a["start"] < b["end"] and b["start"] < a["end"] for i, a in enumerate(log) for b in log[i + 1:])
+
+
+@pytest.mark.slow
+def test_quality_jobs_run_concurrently_with_the_same_results(tiny_llama_dir, tmp_path, monkeypatch):
+    """Fake method scripts on the tiny model: --jobs 2 overlaps their processes, --jobs 1 does not, and both give the
+    same results and report structure; the report records jobs and threads."""
+    import json
+
+    from bench import quality
+    from bench.methods import Method
+
+    script = tmp_path / "fake_method.py"
+    script.write_text(FAKE_METHOD)
+    fakes = {n: Method(n, f"Fake {n}", str(script), None, ("--scale", s), cost=c)
+             for n, s, c in (("fa", "0.5", 1), ("fb", "0.2", 2))}
+    monkeypatch.setattr(quality, "METHODS", fakes)
+    reports, logs = {}, {}
+    for jobs, threads in ((2, 1), (1, 2)):
+        log = tmp_path / f"log{jobs}.jsonl"
+        monkeypatch.setenv("FAKE_LOG", str(log))
+        out = tmp_path / f"out{jobs}"
+        argv = ["--quick", "--model", str(tiny_llama_dir), "--out", str(out), "--settings", "w4g128,w2g128",
+                "--methods", "fa,fb", "--n-calib", "2", "--n-eval", "2", "--jobs", str(jobs), "--threads",
+                str(threads)]
+        assert quality.main(argv) == 0
+        reports[jobs] = json.loads((out / "quality.json").read_text())
+        logs[jobs] = [json.loads(ln) for ln in log.read_text().splitlines()]
+        assert {e["omp"] for e in logs[jobs]} == {str(threads)} and len(logs[jobs]) == 4
+        run = reports[jobs]["run"]
+        assert run["jobs (method processes at once)"] == jobs and run["threads per process"] == threads
+    assert _overlaps(logs[2]) >= 1 and _overlaps(logs[1]) == 0
+    # the longest method (cost) starts first
+    assert [e["out"].rsplit("/", 1)[-1] for e in sorted(logs[1], key=lambda e: e["start"])] == ["fb", "fb", "fa", "fa"]
+    r1, r2 = reports[1]["results"], reports[2]["results"]
+    assert list(r1) == list(r2) == ["w4g128", "w2g128"] and all(list(r1[s]) == ["fa", "fb"] for s in r1)
+    for s in r1:
+        for m in r1[s]:
+            assert r1[s][m]["ppl"] == r2[s][m]["ppl"] and r1[s][m]["bpw"] == r2[s][m]["bpw"]
+            assert r2[s][m]["torch_threads"] == 1 and r1[s][m]["torch_threads"] == 2
+    assert len({r1[s][m]["ppl"] for s in r1 for m in r1[s]}) == 4  # the fakes really differ
+    assert reports[1].keys() == reports[2].keys()

@@ -209,6 +209,42 @@ def test_size_report_counts_actual_bytes(packed_w3):
     assert rep["nominal_bits_per_weight"] == 3.25
 
 
+def _rtn_reference(w: np.ndarray, bits: int, gs: int) -> np.ndarray:
+    """Asymmetric round-to-nearest in float64, written out independently of the project's quantizer: groups of gs
+    along K (a ragged last group keeps its own min/max), range widened to contain 0, fp16 scale, integer zero."""
+    n, k = w.shape
+    out = np.empty((n, k))
+    qmax = 2**bits - 1
+    for start in range(0, k, gs):
+        g = w[:, start:start + gs].astype(np.float64)
+        hi, lo = np.maximum(g.max(1), 0), np.minimum(g.min(1), 0)
+        scale = np.clip((hi - lo) / qmax, 1e-5, 1e4).astype(np.float16).astype(np.float64)
+        zero = np.clip(np.round(-lo / scale), 0, qmax)
+        q = np.clip(np.round(g / scale[:, None]) + zero[:, None], 0, qmax)
+        out[:, start:start + gs] = (q - zero[:, None]) * scale[:, None]
+    return out
+
+
+def test_embedding_scheme_quantizes_embedding_and_untied_lm_head(work, fq_w3, packed_w3):
+    packed = pack_checkpoint(fq_w3, "w3a16g128asym", work / "packed_w3_emb8", progress=False,
+                             embedding_scheme="w8a16g128asym")
+    chat, params = load_packed(packed)
+    eq = chat["quantization_config"]["embedding_quantization"]
+    assert (eq["name"], eq["bits"]) == ("w8a16g128asym", 8)
+    assert set(eq["quantized_tensors"]) == {"model.embed_tokens", "lm_head"}
+    assert "model.embed_tokens.weight" not in params and params["model.embed_tokens.q_weight"].dtype == np.uint32
+    state = dequantized_state_dict(chat, params)
+    src = _fq_tensors(fq_w3)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        ref = _rtn_reference(src[name], 8, 128)  # K = 192: one full group of 128 and a ragged one of 64
+        np.testing.assert_allclose(state[name], ref, rtol=0, atol=1e-7)
+        assert 0 < np.abs(state[name] - src[name]).max() < 1e-2  # quantized, and 8-bit close
+    assert size_report(packed)["embedding_scheme"] == "w8a16g128asym"
+    # the decoder linears are untouched by the embedding scheme
+    _, plain = load_packed(packed_w3)
+    assert all((plain[n] == params[n]).all() for n in plain if ".layers." in n)
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 

@@ -91,6 +91,10 @@ def test_logits_and_greedy_tokens_match_torch(llama_w3):
     eng.prefill(ids)
     step = [eng.decode(t) for t in tokens[:5]]
     np.testing.assert_allclose(np.stack(step), full[len(ids):len(ids) + 5], atol=1e-4 * np.abs(full).max())
+    # A prompt continued by a second prefill (chat turn, chunked prompt): the new tokens attend to cached pages.
+    eng.reset()
+    eng.prefill(ids[:5])
+    np.testing.assert_allclose(eng.prefill(ids[5:], all_logits=True), ref[5:], atol=1e-4 * np.abs(ref).max())
 
 
 def test_perplexity_matches_torch_fake_quant(llama_w3):
@@ -106,6 +110,42 @@ def test_perplexity_matches_torch_fake_quant(llama_w3):
     ppl_tvm = tvm_perplexity(root / "packed", root / "lib32.so", tokens, 256)
     ppl_torch = perplexity(_torch_model(root / "fq", root / "packed", round_dense=False), tokens, 256)
     assert abs(ppl_tvm - ppl_torch) / ppl_torch <= 1e-3, (ppl_tvm, ppl_torch)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_quantized_embedding_and_lm_head(llama_w3, tmp_path, tied):
+    """`pack --embedding-scheme`: the embedding (and the untied lm_head, or the tied one through the embedding) run
+    packed in TVM and match torch on the unpacked model."""
+    from safetensors.torch import load_file, save_file
+
+    from mlc_schemes import pack_checkpoint
+    from mlc_schemes.compile import compile_packed
+    from mlc_schemes.engine import Engine
+    from mlc_schemes.unpack import unpack_to_hf
+
+    fq = tmp_path / "fq"
+    shutil.copytree(llama_w3 / "fq", fq)
+    if tied:
+        cfg = json.loads((fq / "config.json").read_text())
+        (fq / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+        state = load_file(str(fq / "model.safetensors"))
+        del state["lm_head.weight"]
+        save_file(state, str(fq / "model.safetensors"), metadata={"format": "pt"})
+    pack_checkpoint(fq, "w3a16g128asym", tmp_path / "packed", progress=False, embedding_scheme="w4a16g32asym")
+    chat = json.loads((tmp_path / "packed" / "mlc-chat-config.json").read_text())
+    names = set(chat["quantization_config"]["embedding_quantization"]["quantized_tensors"])
+    assert names == ({"model.embed_tokens"} if tied else {"model.embed_tokens", "lm_head"})
+    compile_packed(tmp_path / "packed", "llvm", tmp_path / "lib.so", dtype="float32")
+    eng = Engine(tmp_path / "packed", tmp_path / "lib.so")
+    model = unpack_to_hf(tmp_path / "packed")
+    emb = model.model.embed_tokens.weight.detach().numpy()
+    assert len(np.unique(emb[0])) <= 6 * 16  # 4-bit codes: at most 16 levels per group of 32 (192 = 6 groups)
+    ids = list(range(3, 60))
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(eng.prefill(ids, all_logits=True), ref, atol=1e-4 * np.abs(ref).max())
+    np.testing.assert_allclose(eng.decode(7), model(torch.tensor([ids + [7]])).logits[0, -1].detach().numpy(),
+                               atol=1e-4 * np.abs(ref).max())
 
 
 def test_qwen2_biases_and_mlc_symmetric_scheme(tmp_path):

@@ -38,7 +38,7 @@ def _run(func, args, m, n, out_dtype):
         (3, 40, 120, 12, 3),  # q3f16_1
     ],
 )
-@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("m", [1, 5, 131])  # GEMV; blocked GEMM with a partial row block; two 128-row chunks
 def test_quant_matmul_matches_numpy(bits, gs, k, n, fixed_zero, m):
     rng = np.random.default_rng(bits * 1000 + k + m)
     gw = gs or k
@@ -58,7 +58,7 @@ def test_quant_matmul_matches_numpy(bits, gs, k, n, fixed_zero, m):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("m", [1, 3])  # M = 1 takes the GEMV path, M > 1 the per-row path
+@pytest.mark.parametrize("m", [1, 3, 130])  # M = 1 takes the GEMV path, M > 1 the blocked GEMM
 @pytest.mark.parametrize("k", [33, 192])
 def test_dense_matmul_fp16_weight_fp32_accumulation(k, m):
     rng = np.random.default_rng(k)

@@ -114,6 +114,14 @@ class Timer:
 
 
 def peak_rss_mib() -> float:
+    """Peak RSS of this process in MiB: VmHWM of /proc/self/status. Not getrusage's ru_maxrss, which Linux carries
+    over exec from the parent (the benchmark driver holds a model, so every method would report at least its size)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

@@ -1,7 +1,8 @@
 """This project's methods through its public API: ``omniquant.calibrate.calibrate_checkpoint``.
 
-    --method omniquant   LWC (learnable weight clipping), ``--epochs`` epochs
-    --method rtn         plain round-to-nearest: epochs=0, lwc=False (same format, same padding rule)
+    --method omniquant   LWC (learnable weight clipping), ``--epochs`` epochs at LWC learning rate ``--lwc-lr``
+    --method rtn         plain round-to-nearest: epochs=0, lwc=False (same format, same padding rule; the weights
+                         are quantized directly, see ``omniquant.blockwise.learns_nothing``)
 
 Runs in the main environment. The calibration windows are drawn by ``calibrate_checkpoint`` itself from the same
 text with the same seed; the script checks they equal the shared windows file before trusting the comparison.
@@ -20,6 +21,7 @@ from common import load_model, load_windows, parse_args, quantizable_linears, sa
 def _extra(ap):
     ap.add_argument("--method", choices=("omniquant", "rtn"), required=True)
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--lwc-lr", type=float, default=1e-2, help="LWC learning rate (calibrate_checkpoint's lwc_lr)")
     ap.add_argument("--calib-data", required=True, help="the text source the windows were cut from")
     ap.add_argument("--keep-checkpoint", action="store_true")
 
@@ -46,17 +48,17 @@ def main() -> None:
     ckpt = args.out / "checkpoint"
     rtn = args.method == "rtn"
     calibrate_checkpoint(args.model, ckpt, overwrite=True, wbits=args.wbits, group_size=args.group_size,
-                         symmetric=False, lwc=not rtn, epochs=0 if rtn else args.epochs, nsamples=n, seqlen=seqlen,
-                         calib_data=args.calib_data, seed=args.seed)
+                         symmetric=False, lwc=not rtn, epochs=0 if rtn else args.epochs, lwc_lr=args.lwc_lr,
+                         nsamples=n, seqlen=seqlen, calib_data=args.calib_data, seed=args.seed)
     qc = json.loads((ckpt / "quant_config.json").read_text())
     state = load_file(str(ckpt / "model.safetensors"))
     weights = {name: state[f"{name}.weight"] for name in names}
     if not args.keep_checkpoint:
         shutil.rmtree(ckpt)
+    what = "round-to-nearest, asymmetric integer zero" if rtn else f"LWC, {args.epochs} epochs, lr {args.lwc_lr:g}"
+    padding = "in_features not divisible by the group size: ragged last group, edge padding (docs/formats.md)"
     save_result(args.out, weights, calib_seconds=qc["calibration"]["wall_time_s"], skipped={}, fp_loss0=fp_loss0,
-                packages=("omniquant-mlc",),
-                notes=("round-to-nearest, asymmetric integer zero" if rtn else f"LWC, {args.epochs} epochs")
-                + "; in_features not divisible by the group size: ragged last group, edge padding (docs/formats.md)",
+                packages=("omniquant-mlc",), notes=f"{what}; {padding}",
                 extra={"calibration_settings": {k: qc["calibration"].get(k) for k in
                                                 ("epochs", "nsamples", "seqlen", "lwc", "let", "lwc_lr", "seed")}})
 

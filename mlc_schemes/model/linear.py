@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 
+from tvm import te
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
-from mlc_schemes.model.kernels import QuantSpec, cpu_matmul_nt, te_matmul_nt
+from mlc_schemes.model.kernels import QuantSpec, cpu_matmul_nt, te_dequant, te_matmul_nt
 
 
 def quant_spec_for(scheme, in_features: int) -> QuantSpec:
@@ -55,23 +56,53 @@ class _LinearBase(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
-class QuantLinear(_LinearBase):
+class _PackedWeight:
+    """Mixin: packed parameters of a [rows, cols] weight, `q_weight` uint32 [rows, ceil(cols/epw)], `q_scale`
+    float16 [rows, G] and `q_zero` float16 [rows, G] when the scheme stores zeros."""
+
+    def _init_packed(self, rows: int, cols: int, scheme) -> None:
+        self.spec = quant_spec_for(scheme, cols)
+        words = math.ceil(cols / self.spec.epw)
+        groups = math.ceil(cols / self.spec.group_width)
+        self.q_weight = nn.Parameter((rows, words), "uint32")
+        self.q_scale = nn.Parameter((rows, groups), "float16")
+        self.q_zero = nn.Parameter((rows, groups), "float16") if self.spec.fixed_zero is None else None
+
+    def _weights(self) -> list[nn.Tensor]:
+        return [self.q_weight, self.q_scale] + ([self.q_zero] if self.q_zero is not None else [])
+
+
+class QuantLinear(_PackedWeight, _LinearBase):
     """Packed quantized linear; parameters `q_weight`, `q_scale`, and `q_zero` when the scheme stores zeros."""
 
     def __init__(self, in_features, out_features, scheme, bias=False, dtype="float16", backend="cpu"):
         super().__init__(in_features, out_features, bias, dtype, backend)
-        self.spec = quant_spec_for(scheme, in_features)
-        words = math.ceil(in_features / self.spec.epw)
-        groups = math.ceil(in_features / self.spec.group_width)
-        self.q_weight = nn.Parameter((out_features, words), "uint32")
-        self.q_scale = nn.Parameter((out_features, groups), "float16")
-        self.q_zero = nn.Parameter((out_features, groups), "float16") if self.spec.fixed_zero is None else None
-
-    def _weights(self):
-        return [self.q_weight, self.q_scale] + ([self.q_zero] if self.q_zero is not None else [])
+        self._init_packed(out_features, in_features, scheme)
 
     def _quant(self):
         return self.spec
+
+
+class QuantEmbedding(_PackedWeight, nn.Module):
+    """Token embedding [V, H] stored like a quantized linear (same parameter names under `embed_tokens`); looked-up
+    rows are dequantized. `weights()` / `spec` let a tied lm_head run the quantized matmul on the same tensors."""
+
+    def __init__(self, vocab: int, hidden: int, scheme, dtype: str = "float16"):
+        self.vocab, self.hidden, self.dtype = vocab, hidden, dtype
+        self._init_packed(vocab, hidden, scheme)
+
+    def weights(self) -> list[nn.Tensor]:
+        return self._weights()
+
+    def forward(self, ids: nn.Tensor) -> nn.Tensor:
+        """ids int32 [s] -> [s, H] in the model dtype."""
+        spec, hidden, dtype = self.spec, self.hidden, self.dtype
+
+        def lookup(ids_te, *ws):
+            return te.compute((ids_te.shape[0], hidden),
+                              lambda i, j: te_dequant(ws, spec, ids_te[i], j).astype(dtype), name="embed_dequant")
+
+        return op.tensor_expr_op(lookup, "embed_dequant", [ids, *self._weights()])
 
 
 class DenseLinear(_LinearBase):

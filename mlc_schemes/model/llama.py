@@ -1,7 +1,8 @@
 """Llama-family decoder in `tvm.relax.frontend.nn` (Llama 2/3, Mistral, Qwen2), reading a packed weights dir.
 
-Parameter names are the HF ones (`model.layers.0.self_attn.q_proj.q_weight`, `model.norm.weight`, ...), so the
-tensor cache of docs/formats.md §2 binds without renaming. Per layer:
+Parameter names are the HF ones (`model.norm.weight`, `model.layers.0.mlp.down_proj.q_weight`, ...), except that
+q/k/v and gate/up run as one linear each (`self_attn.qkv_proj`, `mlp.gate_up_proj`, MLC's names) whose parameters
+the engine concatenates from the packed HF-named tensors at load (`param_concat`). Per layer:
 
     h = x + o_proj(attn(rope(q_proj(rms(x))), rope(k_proj(.)), v_proj(.)))        GQA, KV heads repeated
     out = h + down_proj(silu(gate_proj(rms(h))) * up_proj(rms(h)))               SwiGLU
@@ -15,6 +16,7 @@ RoPE (config theta; "default" or "llama3" scaling) is applied inside the paged K
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -24,7 +26,9 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op, spec
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
-from mlc_schemes.model.linear import DenseLinear, QuantLinear, matmul_nt
+from mlc_schemes.model.attention_cpu import patched_cpu_attention
+from mlc_schemes.model.kernels import LOG2E, exp2_poly
+from mlc_schemes.model.linear import DenseLinear, QuantEmbedding, QuantLinear, matmul_nt
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -89,15 +93,41 @@ class LlamaConfig:
 
 
 class _Builder:
-    """Makes each linear quantized or dense according to the packed dir's `quantized_linears`."""
+    """Makes each linear quantized or dense according to the packed dir's `quantized_linears`, and the embedding /
+    lm_head according to its `embedding_quantization` (`embed_scheme`, `quantized_embed` names)."""
 
-    def __init__(self, scheme, quantized: set[str], dtype: str, backend: str):
+    def __init__(self, scheme, quantized: set[str], dtype: str, backend: str, embed_scheme=None,
+                 quantized_embed: set[str] = frozenset()):
         self.scheme, self.quantized, self.dtype, self.backend = scheme, quantized, dtype, backend
+        self.embed_scheme, self.quantized_embed = embed_scheme, quantized_embed
+        self.concat: dict[str, list[str]] = {}
 
     def linear(self, name: str, k: int, n: int, bias: bool):
         if name in self.quantized:
             return QuantLinear(k, n, self.scheme, bias=bias, dtype=self.dtype, backend=self.backend)
+        if name in self.quantized_embed:  # an untied lm_head
+            return QuantLinear(k, n, self.embed_scheme, bias=bias, dtype=self.dtype, backend=self.backend)
         return DenseLinear(k, n, bias=bias, dtype=self.dtype, backend=self.backend)
+
+    def fused_linear(self, fused: str, names: list[str], k: int, ns: list[int], bias: bool):
+        """One linear computing the linears `names` (same input, outputs concatenated along N), named `fused`; or
+        None when they are not all quantized or all dense. The engine builds its parameters at load by
+        concatenating the sources' (`concat`: fused param -> source params), as MLC's converter does."""
+        kinds = {name in self.quantized for name in names}
+        if len(kinds) != 1 or any(name in self.quantized_embed for name in names):
+            return None
+        lin = self.linear(names[0], k, sum(ns), bias)
+        suffixes = ("q_weight", "q_scale", "q_zero", "bias") if kinds == {True} else ("weight", "bias")
+        for sfx in suffixes:
+            if sfx != "bias" or bias:
+                if sfx != "q_zero" or getattr(lin, "q_zero", None) is not None:
+                    self.concat[f"{fused}.{sfx}"] = [f"{name}.{sfx}" for name in names]
+        return lin
+
+    def embedding(self, vocab: int, hidden: int):
+        if "model.embed_tokens" in self.quantized_embed:
+            return QuantEmbedding(vocab, hidden, self.embed_scheme, dtype=self.dtype)
+        return nn.Embedding(vocab, hidden, dtype=self.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -114,15 +144,20 @@ class Attention(nn.Module):
         p = f"model.layers.{layer}.self_attn."
         h, d = cfg.hidden_size, cfg.head_dim
         self.layer, self.cfg = layer, cfg
-        self.q_proj = b.linear(p + "q_proj", h, cfg.num_attention_heads * d, cfg.attention_bias)
-        self.k_proj = b.linear(p + "k_proj", h, cfg.num_key_value_heads * d, cfg.attention_bias)
-        self.v_proj = b.linear(p + "v_proj", h, cfg.num_key_value_heads * d, cfg.attention_bias)
+        names = [p + "q_proj", p + "k_proj", p + "v_proj"]
+        ns = [cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.num_key_value_heads * d]
+        self.qkv_proj = b.fused_linear(p + "qkv_proj", names, h, ns, cfg.attention_bias)
+        if self.qkv_proj is None:
+            self.q_proj, self.k_proj, self.v_proj = (b.linear(nm, h, n, cfg.attention_bias) for nm, n in zip(names, ns))
         self.o_proj = b.linear(p + "o_proj", cfg.num_attention_heads * d, h, False)
 
     def forward(self, x: nn.Tensor, kv: PagedKVCache) -> nn.Tensor:
         cfg = self.cfg
         bsz, seq, _ = x.shape
-        qkv = op.concat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x)
+        else:
+            qkv = op.concat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
         qkv = op.reshape(qkv, (bsz, seq, cfg.num_attention_heads + 2 * cfg.num_key_value_heads, cfg.head_dim))
         out = kv.attention_with_fused_qkv(self.layer, qkv, cfg.num_attention_heads,
                                           sm_scale=1.0 / math.sqrt(cfg.head_dim))
@@ -133,12 +168,29 @@ class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer: int, b: _Builder):
         p = f"model.layers.{layer}.mlp."
         h, i = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = b.linear(p + "gate_proj", h, i, cfg.mlp_bias)
-        self.up_proj = b.linear(p + "up_proj", h, i, cfg.mlp_bias)
+        self.intermediate = i
+        names = [p + "gate_proj", p + "up_proj"]
+        self.gate_up_proj = b.fused_linear(p + "gate_up_proj", names, h, [i, i], cfg.mlp_bias)
+        if self.gate_up_proj is None:
+            self.gate_proj, self.up_proj = (b.linear(nm, h, i, cfg.mlp_bias) for nm in names)
         self.down_proj = b.linear(p + "down_proj", i, h, cfg.mlp_bias)
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
-        return self.down_proj(op.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            return self.down_proj(op.silu(self.gate_proj(x)) * self.up_proj(x))
+        i = self.intermediate
+
+        def silu_mul(gu: te.Tensor):  # [..., 2I] -> silu(gate) * up, one elementwise kernel
+            *lead, _ = gu.shape
+
+            def f(*idx):
+                g = gu[(*idx[:-1], idx[-1])].astype("float32")
+                e = exp2_poly(g * -LOG2E)  # exp(-g) without a libm call per element
+                return (g / (1.0 + e) * gu[(*idx[:-1], idx[-1] + i)].astype("float32")).astype(gu.dtype)
+
+            return te.compute((*lead, i), f, name="silu_mul")
+
+        return self.down_proj(op.tensor_expr_op(silu_mul, "silu_mul", [self.gate_up_proj(x)]))
 
 
 class DecoderLayer(nn.Module):
@@ -155,7 +207,7 @@ class DecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(self, cfg: LlamaConfig, b: _Builder, dtype: str):
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.embed_tokens = b.embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([DecoderLayer(cfg, i, b, dtype) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -168,10 +220,12 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """The whole model. `dtype` is the activation / dense-weight dtype ("float16" deployment, "float32" exact)."""
 
-    def __init__(self, cfg: LlamaConfig, scheme, quantized: set[str], dtype: str, backend: str, target):
-        b = _Builder(scheme, quantized, dtype, backend)
+    def __init__(self, cfg: LlamaConfig, scheme, quantized: set[str], dtype: str, backend: str, target,
+                 embed_scheme=None, quantized_embed: set[str] = frozenset()):
+        b = _Builder(scheme, quantized, dtype, backend, embed_scheme, quantized_embed)
         self.cfg, self.dtype, self.backend, self.target = cfg, dtype, backend, target
         self.model = LlamaModel(cfg, b, dtype)
+        self.param_concat = b.concat  # fused parameter -> packed tensors concatenated along axis 0 at load
         if not cfg.tie_word_embeddings:
             self.lm_head = b.linear("lm_head", cfg.hidden_size, cfg.vocab_size, False)
         else:
@@ -180,9 +234,10 @@ class LlamaForCausalLM(nn.Module):
     def _logits(self, h: nn.Tensor) -> nn.Tensor:
         if self.lm_head is not None:
             logits = self.lm_head(h)
+        elif isinstance(emb := self.model.embed_tokens, QuantEmbedding):
+            logits = matmul_nt(h, emb.weights(), self.cfg.vocab_size, emb.spec, self.dtype, self.backend)
         else:
-            logits = matmul_nt(h, [self.model.embed_tokens.weight], self.cfg.vocab_size, None, self.dtype,
-                               self.backend)
+            logits = matmul_nt(h, [emb.weight], self.cfg.vocab_size, None, self.dtype, self.backend)
         return logits.astype("float32") if logits.dtype != "float32" else logits
 
     def embed(self, input_ids: nn.Tensor) -> nn.Tensor:
@@ -206,6 +261,14 @@ class LlamaForCausalLM(nn.Module):
 
     def create_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
                               support_sliding_window) -> PagedKVCache:
+        cfg = self.cfg
+        # CPU: our attention kernels instead of TVM's serial reference ones (mlc_schemes.model.attention_cpu)
+        with patched_cpu_attention() if self.backend == "cpu" else contextlib.nullcontext():
+            return self._paged_kv_cache(max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
+                                        support_sliding_window)
+
+    def _paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
+                        support_sliding_window) -> PagedKVCache:
         cfg = self.cfg
         return TIRPagedKVCache(
             attn_kind="mha",
