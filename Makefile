@@ -16,7 +16,7 @@ MODEL_NAME := $(notdir $(patsubst %/,%,$(MODEL)))
 QUANT_DIR  := build/$(MODEL_NAME)-$(SCHEME)
 PACKED     ?= $(shell cat build/LAST_PACKED 2>/dev/null)
 
-.PHONY: help setup test demo tiny quantize ppl pack compile chat bench-quality bench-readme bench-decode bench-pack
+.PHONY: help setup test demo tiny quantize ppl pack compile chat bench-quality bench-quality-wa bench-readme bench-decode bench-pack
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -77,11 +77,15 @@ demo: setup tiny  ## set up, then run the whole chain on the tiny model (a few m
 bench-quality:  ## OmniQuant vs RTN/GPTQ/AWQ/AutoRound/HQQ on the real model (--quick setting)
 	$(PYTHON) -m bench.quality --quick
 
-bench-readme:  ## rewrite the README results section (and bench/results/quality-*) from build/bench/quality.json
+bench-quality-wa:  ## W4A4/W6A6: OmniQuant (LWC+LET) vs RTN vs SmoothQuant+GPTQ (--quick setting)
+	$(PYTHON) -m bench.quality --quick --settings w4a4,w6a6
+
+bench-readme:  ## rewrite the README results sections (and bench/results/quality-*) from build/bench/quality{,-wa}.json
 	$(PYTHON) -m bench.report --readme README.md
+	test ! -f build/bench/quality-wa.json || $(PYTHON) -m bench.report --readme README.md build/bench/quality-wa.json
 
 bench-decode:  ## prefill/decode tok/s: compiled W4/W3/fp16 vs torch vs llama.cpp on the real model
-	$(PYTHON) bench/decode.py
+	$(PYTHON) -m bench.decode
 
 bench-pack:  ## bytes on disk and bits/weight of packed real-model checkpoints
-	$(PYTHON) bench/pack_sizes.py
+	$(PYTHON) -m bench.pack_sizes

@@ -1,7 +1,9 @@
 """Score every method's weights with the same perplexity code on the same held-out windows.
 
 The base model is loaded once; for each method its dequantized linears (``weights.safetensors``) are copied in,
-``omniquant.ppl.perplexity`` runs on the eval windows, and the original weights are put back.
+``omniquant.ppl.perplexity`` runs on the eval windows, and the original weights are put back. Weight-activation
+settings (``act_bits`` < 16) also quantize the input of every decoder linear with the same quantizer for every
+method: ``omniquant.quant.act.ActQuantizer`` (per-token dynamic asymmetric; with a method's offsets d, Q(x-d)+d).
 """
 
 from __future__ import annotations
@@ -33,11 +35,23 @@ class Evaluator:
         return float(torch.nn.functional.cross_entropy(logits[:-1], ids[1:]))
 
     @torch.no_grad()
-    def perplexity_with(self, weights_file: Path) -> float:
-        """Perplexity with the tensors of ``weights_file`` ({param name: tensor}) swapped in, then restored."""
+    def perplexity_with(self, weights_file: Path, act_bits: int = 16, linears: list[str] | None = None,
+                        offsets_file: Path | None = None) -> float:
+        """Perplexity with the tensors of ``weights_file`` ({param name: tensor}) swapped in, then restored; with
+        ``act_bits`` < 16 the inputs of ``linears`` are fake-quantized per token (offsets from ``offsets_file``)."""
         from safetensors.torch import load_file
 
+        from omniquant.quant.act import ActQuantizer, attach_input_quantizer
+
         new = load_file(str(weights_file))
+        offsets = load_file(str(offsets_file)) if offsets_file is not None and offsets_file.exists() else {}
+        modules = dict(self.model.named_modules())
+        quantizers = []
+        for name in (linears or []) if act_bits < 16 else []:
+            q = ActQuantizer(act_bits)
+            q.offset = offsets.get(name)
+            attach_input_quantizer(modules[name], q)
+            quantizers.append(q)
         unknown = sorted(set(new) - set(self._params))
         if unknown:
             raise ValueError(f"{weights_file}: tensors not in the model: {unknown[:3]}")
@@ -53,3 +67,5 @@ class Evaluator:
         finally:
             for name, t in saved.items():
                 self._params[name].copy_(t)
+            for q in quantizers:
+                q.enabled = False  # the hook stays, disabled: the next weight-activation run attaches new ones

@@ -1,7 +1,8 @@
 """The methods the quality benchmark compares: where each runs (main env or a peer venv) and how it is called.
 
-A setting is a string ``w<bits>g<group>`` (weight-only, asymmetric integer) or ``w<bits>a<abits>`` (weight-activation,
-per-channel weights; needs the LET/act-quant evaluation hook, see ``SettingSpec.weight_act``).
+A setting is a string ``w<bits>g<group>`` (weight-only, asymmetric integer) or ``w<bits>a<abits>`` (weight-activation:
+per-channel weights, per-token dynamic asymmetric activations, scored with the activation quantizer of
+``bench.evaluate``). A method runs the settings it supports (``weight_only`` / ``weight_act``).
 """
 
 from __future__ import annotations
@@ -42,13 +43,15 @@ class Method:
     env: str | None
     args: tuple[str, ...] = ()
     calibration_free: bool = False
+    weight_only: bool = True  # supports w<bits>g<group> settings
     weight_act: bool = False  # supports w<bits>a<bits> settings
     env_vars: dict = field(default_factory=dict)
     cost: int = 1  # relative run time in the quick setting: concurrent jobs start the longest first
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("rtn", "RTN (round-to-nearest, ours)", "omniquant_ours.py", None, ("--method", "rtn"), calibration_free=True),
+    Method("rtn", "RTN (round-to-nearest, ours)", "omniquant_ours.py", None, ("--method", "rtn"), calibration_free=True,
+           weight_act=True),
     Method("gptq", "GPTQ (llm-compressor 0.14)", "llmcompressor_peer.py", "llmcompressor", ("--method", "gptq"),
            cost=3),
     Method("awq", "AWQ (llm-compressor 0.14)", "llmcompressor_peer.py", "llmcompressor", ("--method", "awq"),
@@ -57,13 +60,21 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("gptqmodel", "GPTQ (gptqmodel 7.6)", "gptqmodel_peer.py", "gptqmodel",
            env_vars={"GPTQMODEL_CPU_WORKERS": "2", "CUDA_VISIBLE_DEVICES": ""}, cost=3),
     Method("hqq", "HQQ (hqq 0.2.8)", "hqq_peer.py", "hqq", calibration_free=True, cost=2),
-    Method("omniquant", "OmniQuant (ours, LWC)", "omniquant_ours.py", None, ("--method", "omniquant"), cost=6),
+    Method("omniquant", "OmniQuant (ours; LWC, + LET at WxAx)", "omniquant_ours.py", None, ("--method", "omniquant"),
+           cost=6, weight_act=True),
+    Method("smoothquant", "SmoothQuant + GPTQ (llm-compressor 0.14)", "llmcompressor_peer.py", "llmcompressor",
+           ("--method", "smoothquant"), cost=3, weight_only=False, weight_act=True),
 )}
 
 NOT_RUN = {
     "auto-gptq 0.7.1": "CUDA-only kernels: does not run on CPU",
     "autoawq 0.2.9": "CUDA-only kernels: does not run on CPU (AWQ is measured through llm-compressor)",
 }
+
+
+def runs(method: Method, setting: SettingSpec) -> bool:
+    """Whether `method` has a recipe for `setting` (weight-only or weight-activation)."""
+    return method.weight_act if setting.weight_act else method.weight_only
 
 
 def linear_bits(n: int, k: int, wbits: int, group_size: int) -> int:

