@@ -76,6 +76,18 @@ def _attend(d: int):
     return attend
 
 
+def _paged_len(indptr, last_len, b, page_size: int):
+    """Keys of sequence b in the pages: full pages plus the filled part of the last (TVM's length_info)."""
+    npages = indptr[b + 1] - indptr[b]
+    return T.if_then_else(npages > 0, (npages - 1) * page_size + last_len[b], 0)
+
+
+def _visible(causal, nk, nq, row):
+    """Keys that query `row` of `nq` new tokens sees among `nk`: the new tokens are the last nq keys
+    (TVM's `_causal_mask`: col < nk - nq + row + 1), or all of them when not causal."""
+    return T.if_then_else(causal > 0, T.max(T.min(nk, nk - nq + row + 1), 0), nk)
+
+
 def _query(d: int, dtype: str):
     """TIR macro: attention of query row `row`, head `h` of q [rows, heads, d] over `nvis` keys (`_attend`), written
     to out[row, h, :] = acc / l and lse[row, h] = m + log2(l); without keys 0 and -5e4, as TVM's kernels."""
@@ -133,11 +145,10 @@ def attention_decode_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int
             b = t // h_q
             h = t % h_q
             begin = indptr[b]
-            npages = indptr[b + 1] - begin
             query(Q, b, h, sm_scale,
                   lambda c, r, i: pages[values[begin + c], 0, h // group, r, i],
                   lambda c, r, i: pages[values[begin + c], 1, h // group, r, i],
-                  T.if_then_else(npages > 0, (npages - 1) * page_size + last_len[b], 0), output, lse)
+                  _paged_len(indptr, last_len, b, page_size), output, lse)
 
     return batch_decode_paged_kv_cpu
 
@@ -181,7 +192,7 @@ def attention_prefill_ragged_cpu(h_kv: int, h_q: int, d: int, dtype: str):
                 query(q, q_indptr[b] + t % nq, h, sm_scale,
                       lambda c, r, i: k[k0 + c * CHUNK + r, h // group, i],
                       lambda c, r, i: v[k0 + c * CHUNK + r, h // group, i],
-                      T.if_then_else(causal > 0, T.max(T.min(nk, nk - nq + t % nq + 1), 0), nk), output, lse)
+                      _visible(causal, nk, nq, t % nq), output, lse)
 
     return batch_prefill_ragged_kv
 
@@ -219,13 +230,11 @@ def attention_prefill_paged_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_si
             for t in T.parallel(h_q * (q_indptr[b + 1] - q_indptr[b])):
                 nq = q_indptr[b + 1] - q_indptr[b]
                 begin = page_indptr[b]
-                npages = page_indptr[b + 1] - begin
-                nk = T.if_then_else(npages > 0, (npages - 1) * page_size + last_len[b], 0)
                 h = t // nq
                 query(q, q_indptr[b] + t % nq, h, sm_scale,
                       lambda c, r, i: pages[values[begin + c], 0, h // group, r, i],
                       lambda c, r, i: pages[values[begin + c], 1, h // group, r, i],
-                      T.if_then_else(causal > 0, T.max(T.min(nk, nk - nq + t % nq + 1), 0), nk), output, lse)
+                      _visible(causal, _paged_len(page_indptr, last_len, b, page_size), nq, t % nq), output, lse)
 
     return batch_prefill_paged_kv_cpu
 

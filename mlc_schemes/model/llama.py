@@ -117,11 +117,8 @@ class _Builder:
         if len(kinds) != 1 or any(name in self.quantized_embed for name in names):
             return None
         lin = self.linear(names[0], k, sum(ns), bias)
-        suffixes = ("q_weight", "q_scale", "q_zero", "bias") if kinds == {True} else ("weight", "bias")
-        for sfx in suffixes:
-            if sfx != "bias" or bias:
-                if sfx != "q_zero" or getattr(lin, "q_zero", None) is not None:
-                    self.concat[f"{fused}.{sfx}"] = [f"{name}.{sfx}" for name in names]
+        for sfx, _ in lin.named_parameters():  # q_weight, q_scale (, q_zero) or weight (, bias)
+            self.concat[f"{fused}.{sfx}"] = [f"{name}.{sfx}" for name in names]
         return lin
 
     def embedding(self, vocab: int, hidden: int):
