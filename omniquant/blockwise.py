@@ -28,16 +28,13 @@ from torch import nn
 from tqdm import tqdm
 
 from omniquant.atomic import atomic_write
+from omniquant.block_train import LET_ATTR, learned_state, set_learned, train_block
 from omniquant.capture import block_forward, capture_block_inputs
 from omniquant.config import CalibConfig
 from omniquant.errors import UserError
 from omniquant.models.base import Adapter
 from omniquant.quant.qlinear import QuantLinear, replace_linears, restore_linears
 from omniquant.quant.spec import WeightQuantSpec
-
-# A block's LET module is attached under this attribute while it is calibrated, so its parameters are saved,
-# restored and optimised together with the LWC logits (second AdamW group, lr let_lr).
-LET_ATTR = "omniquant_let"
 
 
 @dataclass
@@ -91,73 +88,6 @@ class RunState:
         with safe_open(str(self.block_file(i)), "pt") as f:
             log = json.loads(f.metadata()["log"])
         return load_file(str(self.block_file(i))), log
-
-
-def _learned(block: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in block.named_parameters() if p.requires_grad}
-
-
-def _set_learned(block: nn.Module, values: dict[str, torch.Tensor]) -> None:
-    params = dict(block.named_parameters())
-    with torch.no_grad():
-        for n, v in values.items():
-            params[n].copy_(v)
-
-
-def _train_block(block, q_inps, fp_outs, aug_outs, kwargs, cfg: CalibConfig, let, bar_desc: str) -> dict:
-    """Optimise the block's learnable parameters in place; returns a log (losses, NaN event)."""
-    learnable = [(n, p) for n, p in block.named_parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for n, p in learnable if not n.startswith(LET_ATTR)], "lr": cfg.lwc_lr},
-        {"params": [p for n, p in learnable if n.startswith(LET_ATTR)], "lr": cfg.let_lr},
-    ]
-    groups = [g for g in groups if g["params"]]
-    log = {"epoch_loss": [], "nan": None}
-    if not groups or cfg.epochs == 0:
-        return log
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.wd)
-    cuda = q_inps.device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if cuda else None
-    last_good = _learned(block)
-    n_steps = q_inps.shape[0] // cfg.batch_size
-    bar = tqdm(range(cfg.epochs), desc=bar_desc, leave=False)
-    for epoch in bar:
-        total = 0.0
-        for j in range(n_steps):
-            sl = slice(j * cfg.batch_size, (j + 1) * cfg.batch_size)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                if let is not None:
-                    let.apply_temporary()
-                out = block_forward(block, q_inps[sl], kwargs)
-                loss = torch.nn.functional.mse_loss(out.float(), fp_outs[sl])
-                if aug_outs is not None:
-                    loss = loss + torch.nn.functional.mse_loss(out.float(), aug_outs[sl])
-            if not torch.isfinite(loss):
-                _set_learned(block, last_good)
-                log["nan"] = {"epoch": epoch, "step": j}
-                tqdm.write(f"{bar_desc}: non-finite loss at epoch {epoch} step {j}; restored last finite parameters")
-                return log
-            last_good = _learned(block)
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
-            total += float(loss.detach())
-        log["epoch_loss"].append(total / max(n_steps, 1))
-        bar.set_postfix(loss=f"{log['epoch_loss'][-1]:.3e}")
-    # the parameters after the last step were never evaluated; check them once
-    with torch.no_grad():
-        if let is not None:
-            let.apply_temporary()
-        probe = block_forward(block, q_inps[: cfg.batch_size], kwargs)
-    if not torch.isfinite(probe).all():
-        _set_learned(block, last_good)
-        log["nan"] = {"epoch": cfg.epochs, "step": "final"}
-    return log
 
 
 @torch.no_grad()
@@ -268,14 +198,14 @@ def _calibrate_blockwise(model, adapter, windows, cfg, state, resume, make_let, 
     spec = WeightQuantSpec(cfg.wbits, cfg.group_size, cfg.symmetric)
     blocks = adapter.blocks(model)
     done = state.open(resume)
-    fp_inps, kwargs = capture_block_inputs(model, blocks, windows)
+    fp_inps, block_kwargs = capture_block_inputs(model, blocks, windows)
     fp_inps = fp_inps.to(device)
     q_inps = fp_inps.clone()
-    kwargs = {k: _to(v, device) for k, v in kwargs.items()}
     result = CalibResult()
     for i in tqdm(range(len(blocks)), desc="blocks"):
         block = blocks[i].to(device)
         block.requires_grad_(False)
+        kwargs = {k: _to(v, device) for k, v in block_kwargs[i].items()}
         prefix = f"{adapter.blocks_path}.{i}"
         fp_outs = _run_stream(block, fp_inps, kwargs)
         aug_outs = _run_stream(block, q_inps, kwargs) if cfg.aug_loss else None
@@ -286,11 +216,11 @@ def _calibrate_blockwise(model, adapter, windows, cfg, state, resume, make_let, 
         block.to(device)  # the quantizers' and LET's new parameters too
         if i < done:
             learned, log = state.load_block(i)
-            _set_learned(block, learned)
+            set_learned(block, learned)
         else:
-            log = _train_block(block, q_inps, fp_outs, aug_outs, kwargs, cfg, let, f"block {i}")
+            log = train_block(block, q_inps, fp_outs, aug_outs, kwargs, cfg, let, f"block {i}")
         if i >= done:
-            state.save_block(i, _learned(block), log)
+            state.save_block(i, learned_state(block), log)
         _fuse(block, qlinears, let, prefix, result)
         log = {"block": i, **log}
         result.block_log.append(log)

@@ -1,4 +1,4 @@
-"""Capture the inputs of decoder block 0 (hidden states + the keyword arguments the model passes to every block)."""
+"""Capture the inputs of decoder block 0 and the keyword arguments the model passes to each block."""
 
 from __future__ import annotations
 
@@ -10,24 +10,51 @@ class _Stop(Exception):
     pass
 
 
+class _Catcher(nn.Module):
+    """Stands in for decoder block `index`: records its kwargs (first window only) and returns its input unchanged,
+    so the model's own forward computes every block's kwargs (per-layer masks and RoPE tables, e.g. Gemma 3's
+    sliding/global layers) without running a block. Unknown attributes are read from the wrapped block, which the
+    model's loop may consult (e.g. `attention_type`)."""
+
+    def __init__(self, block: nn.Module, index: int, last: int, hidden: list, kwargs: list):
+        super().__init__()
+        object.__setattr__(self, "_wrapped", block)  # not a submodule: its parameters stay out of this module
+        self.index, self.last, self._hidden, self._kwargs = index, last, hidden, kwargs
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_wrapped"), name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise TypeError("capture: decoder blocks are expected to take everything but hidden_states by keyword")
+        if self.index == 0:
+            self._hidden.append(hidden_states.detach().float().cpu())
+        if self._kwargs[self.index] is None:
+            self._kwargs[self.index] = {k: v for k, v in kwargs.items()
+                                        if k not in ("past_key_values", "past_key_value", "use_cache")}
+        if self.index == self.last or self._kwargs[self.last] is not None:
+            raise _Stop  # kwargs of every block are known: later windows only need block 0's input
+        return hidden_states
+
+
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Run the model's embedding part on each window [n, L]; returns (hidden states [n, L, H] fp32, block kwargs).
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor
+                         ) -> tuple[torch.Tensor, list[dict]]:
+    """Run the model's embedding part on each window [n, L]; returns (hidden states [n, L, H] fp32, per-block kwargs).
 
-    Runs where the model's parameters are (the caller moves blocks and tensors to the calibration device).
-    All windows share one length, so the kwargs captured for the first (position embeddings, causal mask, ...) are
-    valid for every window with batch size 1.
+    kwargs[i] holds what the model passes to block i besides hidden_states (position embeddings, causal or
+    sliding-window mask, ...). All windows share one length, so the kwargs captured on the first window are valid for
+    every window with batch size 1. Blocks that get the same tensors share them (no copies). Runs where the model's
+    parameters are (the caller moves blocks and tensors to the calibration device).
     """
-    hidden, kwargs_seen = [], {}
-
-    def hook(_module, args, kwargs):
-        hs = args[0] if args else kwargs["hidden_states"]
-        hidden.append(hs.detach().float().cpu())
-        if not kwargs_seen:
-            kwargs_seen.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
-        raise _Stop
-
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    hidden: list[torch.Tensor] = []
+    kwargs: list[dict | None] = [None] * len(blocks)
+    originals = list(blocks)
+    for i, b in enumerate(originals):
+        blocks[i] = _Catcher(b, i, len(blocks) - 1, hidden, kwargs)
     try:
         for ids in windows:
             try:
@@ -35,8 +62,8 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch
             except _Stop:
                 pass
     finally:
-        handle.remove()
-    kwargs = {k: v for k, v in kwargs_seen.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+        for i, b in enumerate(originals):
+            blocks[i] = b
     return torch.cat(hidden), kwargs
 
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from omniquant.blockwise import _train_block
+from omniquant.block_train import train_block
 from omniquant.calibrate import quantize_in_memory
 from omniquant.capture import block_forward, capture_block_inputs
 from omniquant.cli import main
@@ -32,14 +32,15 @@ def _block0_mse(model_dir, calib_text, lwc: bool, bits=2, gs=64, epochs=4):
     adapter = get_adapter(model.config.model_type)
     windows = sample_windows(load_tokens(tok, calib_text), 8, 64, seed=0)
     blocks = adapter.blocks(model)
-    x, kwargs = capture_block_inputs(model, blocks, windows)
+    x, block_kwargs = capture_block_inputs(model, blocks, windows)
+    kwargs = block_kwargs[0]
     block = blocks[0].requires_grad_(False)
     with torch.no_grad():
         target = torch.cat([block_forward(block, x[i : i + 1], kwargs) for i in range(len(x))])
     spec = WeightQuantSpec(bits, gs)
     replace_linears(block, adapter.linears, lambda lin: QuantLinear(lin, spec, lwc=lwc))
     cfg = CalibConfig(wbits=bits, group_size=gs, epochs=epochs, nsamples=8, seqlen=64)
-    _train_block(block, x, target, None, kwargs, cfg, None, "test")
+    train_block(block, x, target, None, kwargs, cfg, None, "test")
     with torch.no_grad():
         out = torch.cat([block_forward(block, x[i : i + 1], kwargs) for i in range(len(x))])
     return float(torch.nn.functional.mse_loss(out, target))

@@ -118,7 +118,8 @@ def test_let_plus_lwc_lowers_block_mse_vs_lwc_alone_at_w4a4(runs):
 
     fp = AutoModelForCausalLM.from_pretrained(runs["dir"], dtype=torch.float32).eval()
     windows = runs["tokens"].reshape(-1, SEQLEN)
-    x, kwargs = capture_block_inputs(fp, fp.model.layers, windows)
+    x, block_kwargs = capture_block_inputs(fp, fp.model.layers, windows)
+    kwargs = block_kwargs[0]
     with torch.no_grad():
         ref = block_forward(fp.model.layers[0], x, kwargs)
         mse = {name: float(torch.mean((block_forward(runs[name]["model"].model.layers[0], x, kwargs) - ref) ** 2))
