@@ -2,7 +2,10 @@
 
 Interactive commands: `/stats` (speed of the last reply), `/reset` (forget the conversation), `/exit`.
 `--random-weights --preset llama2-7b --scheme w4a16g128asym --target cuda` compiles and measures a model of a real
-model's shapes with random weights (nothing downloaded). Numbers use the compiled library's compute dtype.
+model's shapes with random weights (nothing downloaded); with `--weights-dir DIR` (llvm) the random weights are
+written to DIR as a packed weights dir and measured from there in a fresh process, as a real model would be (the
+same load path, the same resident memory). Numbers use the compiled library's compute dtype. `--evaluate` reports
+peak RSS and, on CPU, its split: runtime (interpreter + TVM runtime + library), weights, KV cache, activations.
 """
 
 from __future__ import annotations
@@ -35,7 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheme", default="w4a16g128asym", help="scheme for --random-weights ('none' = fp16 dense)")
     p.add_argument("--embedding-scheme", default=None, metavar="NAME",
                    help="with --random-weights: quantize the embedding / lm_head too (e.g. w8a16g128asym)")
+    p.add_argument("--weights-dir", default=None, metavar="DIR",
+                   help="with --random-weights (llvm): write the random packed weights here (kept; reused when it "
+                        "holds them) and evaluate from the dir in a fresh process")
     p.add_argument("--target", default="llvm", help="target for --random-weights: llvm or cuda")
+    p.add_argument("--isa", default="native", help="with --random-weights (llvm): native, avx2, avx512 or a CPU name")
     p.add_argument("--cuda-arch", default="sm_80")
     p.add_argument("--dtype", choices=("float16", "float32"), default=None, help="compute dtype (--random-weights)")
 
@@ -119,9 +126,44 @@ def _reply(engine, tok, text: str, args) -> None:
     print()
 
 
-def run(args: argparse.Namespace) -> int:
-    from mlc_schemes.engine import Engine
+def _random_weights_dir(args) -> int:
+    """--random-weights --weights-dir: write (or reuse) the packed dir, compile, then `chat --evaluate` it in a
+    child process that loads only TVM's runtime, so its RSS is that of a deployed model."""
+    import subprocess
 
+    from mlc_schemes.compile import (
+        compile_packed,
+        read_library_meta_if_fits,
+        read_packed_model,
+    )
+    from mlc_schemes.random_model import write_random_packed_dir
+
+    out = Path(args.weights_dir)
+    context = args.eval_prompt_len + args.eval_gen_len + 16
+    if (out / "tensor-cache.json").is_file():
+        pm = read_packed_model(out)
+        print(f"reusing the packed weights in {out}", file=sys.stderr)
+    else:
+        print(f"writing random {args.preset} ({args.scheme}) weights to {out}", file=sys.stderr)
+        pm = write_random_packed_dir(args.preset, args.scheme, out, seed=args.seed, context=context,
+                                     embedding_scheme=args.embedding_scheme)
+    lib = Path(args.lib) if args.lib else out / f"lib-{args.target}-{args.isa}.so"
+    if not read_library_meta_if_fits(lib, pm):
+        print(f"compiling {out} for {args.target} ({args.isa}) -> {lib}", file=sys.stderr)
+        compile_packed(pm, args.target, lib, arch=args.cuda_arch, dtype=args.dtype, isa=args.isa)
+    cmd = [sys.executable, "-m", "omniquant", "chat", "--model", str(out), "--lib", str(lib), "--evaluate",
+           "--eval-prompt-len", str(args.eval_prompt_len), "--eval-gen-len", str(args.eval_gen_len),
+           "--seed", str(args.seed)] + (["--json", args.json] if args.json else [])
+    return subprocess.run(cmd, check=False).returncode
+
+
+def run(args: argparse.Namespace) -> int:
+    from mlc_schemes.engine import Engine, import_tvm_runtime
+
+    if args.random_weights and args.weights_dir:
+        if args.target != "llvm":
+            raise UserError("--weights-dir measures the CPU load path: use it with --target llvm")
+        return _random_weights_dir(args)
     if args.random_weights:
         from mlc_schemes.compile import compile_packed, read_library_meta_if_fits
         from mlc_schemes.random_model import random_packed_model
@@ -134,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
             f"{args.preset}-{args.scheme}{emb}-{args.target}.so")
         if not read_library_meta_if_fits(lib, pm):
             print(f"compiling {args.preset} ({args.scheme}) for {args.target} -> {lib}", file=sys.stderr)
-            compile_packed(pm, args.target, lib, arch=args.cuda_arch, dtype=args.dtype)
+            compile_packed(pm, args.target, lib, arch=args.cuda_arch, dtype=args.dtype, isa=args.isa)
         engine = Engine(pm, lib, params=params)
         args.evaluate = True
     else:
@@ -144,16 +186,18 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"weights dir {args.model} does not exist")
         from mlc_schemes.engine import read_library_meta
 
-        if read_library_meta(args.lib)["target"] == "llvm" and "tvm" not in sys.modules:
-            # running a CPU library needs only TVM's runtime: ~110 MiB less resident memory than the compiler
-            os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
+        if read_library_meta(args.lib)["target"] == "llvm":
+            import_tvm_runtime()  # a CPU library needs only TVM's runtime (far less resident memory)
         engine = Engine(args.model, args.lib)
     if args.evaluate:
         res = _evaluate(engine, args.eval_prompt_len, args.eval_gen_len, args.seed)
         res["threads"] = os.environ.get("TVM_NUM_THREADS", str(os.cpu_count()))
+        split = res.get("rss_split_mib")
         print(f"prefill {res['prefill_tok_per_s']} tok/s, decode {res['decode_tok_per_s']} tok/s, "
               f"peak RSS {res['peak_rss_mib']} MiB" + (f", cuda used {res.get('cuda_used_mib')} MiB"
-                                                        if res["target"] == "cuda" else ""))
+                                                        if res["target"] == "cuda" else "")
+              + (" (" + ", ".join(f"{k} {v}" for k, v in split.items()) + f"; weights mapped from the shards "
+                 f"{res['weights_mapped_mib']} MiB)" if split else ""))
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=2))
         return 0

@@ -8,6 +8,7 @@ Both files are written to temporary siblings and renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -81,6 +82,11 @@ def fingerprint(pm: PackedModel) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+# `--isa` of an llvm library -> LLVM mcpu. x86-64-v3 / -v4 are the psABI levels: v3 = AVX2, FMA, F16C, BMI2
+# (Haswell, Zen 1-3), v4 = v3 + AVX-512 F/BW/CD/DQ/VL (Skylake-SP, Zen 4).
+CPU_ISAS = {"native": None, "avx2": "x86-64-v3", "avx512": "x86-64-v4"}
+
+
 def host_cpu() -> str:
     """LLVM name of this machine's CPU (e.g. "rocketlake"); decode is ~10x slower without it."""
     import tvm
@@ -88,8 +94,20 @@ def host_cpu() -> str:
     return tvm.target.codegen.llvm_get_system_cpu()
 
 
-def make_target(kind: str, arch: str = "sm_80"):
-    """A tvm Target for `kind` (dict form; TVM 0.27 rejects option strings)."""
+def cpu_mcpu(isa: str = "native") -> str:
+    """LLVM mcpu for `--isa`: "native" -> this machine's CPU, "avx2" / "avx512" -> the x86-64-v3 / -v4 level
+    (`CPU_ISAS`), anything else is taken as an LLVM CPU name (e.g. "znver3", "haswell") and checked."""
+    import tvm
+
+    if isa in CPU_ISAS:
+        return CPU_ISAS[isa] or host_cpu()
+    if not tvm.target.codegen.llvm_is_valid_cpu(isa, tvm.target.codegen.llvm_get_system_triple()):
+        raise UserError(f"unknown --isa {isa!r}: use native, avx2, avx512 or an LLVM CPU name (e.g. znver3)")
+    return isa
+
+
+def make_target(kind: str, arch: str = "sm_80", isa: str = "native"):
+    """A tvm Target for `kind` (dict form; TVM 0.27 rejects option strings); llvm for `cpu_mcpu(isa)`."""
     import tvm
 
     if kind == "vulkan":
@@ -98,7 +116,7 @@ def make_target(kind: str, arch: str = "sm_80"):
     if kind not in LIB_SUFFIX:
         raise UserError(f"unsupported target {kind!r}; choose one of {', '.join(t for t in TARGETS if t != 'vulkan')}")
     if kind == "llvm":
-        return tvm.target.Target({"kind": "llvm", "mcpu": host_cpu()})
+        return tvm.target.Target({"kind": "llvm", "mcpu": cpu_mcpu(isa)})
     # Device libraries run on other machines: a generic host CPU, never this machine's.
     if kind == "cuda":
         if arch not in CUDA_ARCHS:
@@ -114,6 +132,7 @@ def build_module(pm: PackedModel, target, dtype: str):
 
     Returns (module, parameter names in call order, param_concat: fused parameter -> the packed tensors that the
     engine concatenates along axis 0 to make it)."""
+    from mlc_schemes.model.isa import isa_of_target, use_isa
     from mlc_schemes.model.llama import LlamaConfig, LlamaForCausalLM
 
     try:
@@ -123,7 +142,9 @@ def build_module(pm: PackedModel, target, dtype: str):
     backend = "cpu" if target.kind.name == "llvm" else "gpu"
     model = LlamaForCausalLM(cfg, pm.scheme, pm.quantized, dtype, backend, target, embed_scheme=pm.embed_scheme,
                              quantized_embed=pm.quantized_embed)
-    mod, named_params, _ext = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
+    # CPU kernels size their vectors and register tiles for the target's ISA (mlc_schemes.model.isa)
+    with use_isa(isa_of_target(target)) if backend == "cpu" else contextlib.nullcontext():
+        mod, named_params, _ext = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
     concat = model.param_concat
     expected = {name: (tuple(int(x) for x in p.shape), p.dtype) for name, p in named_params}
     problems, used = [], set()
@@ -169,9 +190,10 @@ def _gpu_schedule(mod, target):
 
 
 def compile_packed(packed_dir: str | Path, target_kind: str, output: str | Path, *, arch: str = "sm_80",
-                   dtype: str | None = None, aot_cubin: bool | None = None) -> dict:
+                   dtype: str | None = None, aot_cubin: bool | None = None, isa: str = "native") -> dict:
     """Compile `packed_dir` for `target_kind` into `output`; returns the metadata written beside it.
 
+    isa: llvm only; the CPU the library is built for (`cpu_mcpu`: native, avx2, avx512 or an LLVM CPU name).
     dtype: compute dtype, "float16" (deployment default) or "float32" (exact mode; llvm only is sensible).
     aot_cubin: cuda only; compile the kernels to cubin with nvcc now (default: when nvcc is on PATH) instead of
     shipping CUDA source compiled by NVRTC at load time.
@@ -181,7 +203,7 @@ def compile_packed(packed_dir: str | Path, target_kind: str, output: str | Path,
     import tvm
 
     output = Path(output)
-    target = make_target(target_kind, arch)
+    target = make_target(target_kind, arch, isa)
     dtype = dtype or "float16"
     if dtype not in ("float16", "float32"):
         raise UserError(f"unsupported compute dtype {dtype!r}; choose float16 or float32")
@@ -205,7 +227,8 @@ def compile_packed(packed_dir: str | Path, target_kind: str, output: str | Path,
             raise UserError(f"compiler wrote an empty library for {target_kind}")
         meta = {
             "fingerprint": fingerprint(pm), "target": target_kind, "target_str": str(target),
-            "arch": arch if target_kind == "cuda" else None, "dtype": dtype, "model_type": pm.chat.get("model_type"),
+            "arch": arch if target_kind == "cuda" else None, "dtype": dtype,
+            "cpu_isa": _isa_meta(target) if target_kind == "llvm" else None, "model_type": pm.chat.get("model_type"),
             "quantization": pm.chat.get("quantization") if pm.scheme else "none", "param_names": param_names,
             "param_concat": param_concat,
             "context_window_size": pm.chat.get("context_window_size"),
@@ -226,6 +249,13 @@ def compile_packed(packed_dir: str | Path, target_kind: str, output: str | Path,
             if p.exists():
                 p.unlink()
     return meta
+
+
+def _isa_meta(target) -> dict:
+    from mlc_schemes.model.isa import isa_of_target
+
+    isa = isa_of_target(target)
+    return {"mcpu": str(target.attrs["mcpu"]), "isa": isa.name, "lanes": isa.lanes}
 
 
 def read_library_meta_if_fits(lib: str | Path, pm: PackedModel) -> dict | None:

@@ -1,6 +1,7 @@
 """Compile a packed weights dir into a TVM model library: `.so` (llvm, cuda) or `.tar` of objects (metal, webgpu).
 
-llvm targets this machine's CPU (its `mcpu`); cuda builds for `--cuda-arch` (sm_80 default, sm_90 for Hopper) and
+llvm targets this machine's CPU (its `mcpu`), or another x86 level with `--isa avx2` / `--isa avx512` (a library
+for a machine that is not this one, e.g. an AVX2 build to ship to older CPUs); cuda builds for `--cuda-arch` (sm_80 default, sm_90 for Hopper) and
 embeds nvcc-compiled cubins when nvcc is on PATH (else CUDA source compiled by NVRTC at load); metal writes
 arm64-macOS objects for a Mac to link; webgpu writes WGSL. A `<library>.json` beside the library holds the
 fingerprint the runtime checks against the weights dir.
@@ -19,6 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="llvm", help="llvm (this CPU), cuda, metal or webgpu (vulkan: unsupported)")
     p.add_argument("--output", required=True,
                    help="library path: .so for llvm/cuda, .tar for metal/webgpu (a .json sidecar is written beside)")
+    p.add_argument("--isa", default="native",
+                   help="llvm only: native (this CPU, default), avx2 (x86-64-v3: AVX2+FMA+F16C), avx512 (x86-64-v4), "
+                        "or an LLVM CPU name such as znver3 or haswell")
     p.add_argument("--cuda-arch", default="sm_80", help="cuda only: sm_80 (A100, default), sm_86, sm_89, sm_90 (H100)")
     p.add_argument("--dtype", choices=("float16", "float32"), default=None,
                    help="compute dtype: float16 (deployment default) or float32 (exact mode, matches torch fp32)")
@@ -37,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if target in LIB_SUFFIX and out.suffix == "":
         out = out.with_suffix(LIB_SUFFIX[target])
     meta = compile_packed(args.model, target, out, arch=args.cuda_arch, dtype=args.dtype,
-                          aot_cubin=False if args.no_aot else None)
+                          aot_cubin=False if args.no_aot else None, isa=args.isa)
     size = out.stat().st_size / 2**20
     print(f"wrote {out} ({size:.1f} MiB, {meta['target']}, {meta['dtype']}, {meta['quantization']}) "
           f"in {meta['compile_seconds']:.1f} s")

@@ -7,12 +7,17 @@
 
 Greedy decoding when temperature == 0, else temperature + top-p (nucleus) sampling with a seeded numpy RNG.
 `tvm_perplexity` scores text through the compiled model with the windowing of `omniquant.ppl.perplexity`.
+Weights go from the shards straight into device tensors (`mlc_schemes.device_params`: on CPU, zero-copy views of
+the memory-mapped shards where aligned). Processes that only run libraries call `import_tvm_runtime()` first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,16 +49,52 @@ class Stats:
         }
 
 
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process in MiB: VmHWM of /proc/self/status (ru_maxrss, the fallback, keeps
-    the parent's peak across exec on Linux, so a process started by a large one would report the parent's size)."""
+def _proc_status_mib(field_name: str) -> float | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field_name + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return None
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process in MiB: VmHWM of /proc/self/status (ru_maxrss, the fallback, keeps
+    the parent's peak across exec on Linux, so a process started by a large one would report the parent's size)."""
+    peak = _proc_status_mib("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mib() -> float:
+    """Current resident set size in MiB (VmRSS; 0 where /proc is missing)."""
+    return _proc_status_mib("VmRSS") or 0.0
+
+
+def import_tvm_runtime() -> None:
+    """Import tvm for running compiled libraries only (no-op when tvm is already imported):
+
+    - TVM's runtime library without the compiler (`TVM_USE_RUNTIME_LIB=1`, read once at import): ~110 MiB less
+      resident memory; compiling in this process is then impossible;
+    - without torch: tvm_ffi imports torch at import time only to fix a symbol-loading order seen on Windows
+      (its comment), ~190 MiB resident here. torch stays importable afterwards (e.g. by a tokenizer).
+    """
+    if "tvm" in sys.modules:
+        return
+    env = os.environ.get("TVM_USE_RUNTIME_LIB")
+    block_torch = "torch" not in sys.modules
+    os.environ["TVM_USE_RUNTIME_LIB"] = "1"
+    if block_torch:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which tvm_ffi catches
+    try:
+        import tvm  # noqa: F401
+    finally:
+        if block_torch:
+            del sys.modules["torch"]
+        if env is None:
+            del os.environ["TVM_USE_RUNTIME_LIB"]
+        else:
+            os.environ["TVM_USE_RUNTIME_LIB"] = env
 
 
 def read_library_meta(lib_path: str | Path) -> dict:
@@ -83,6 +124,23 @@ def _load_cuda_runtime() -> str | None:
     except OSError as e:
         return str(e)
     return None
+
+
+def _check_cpu_runs(meta: dict) -> None:
+    """A library built for an instruction set this CPU lacks would die of SIGILL: refuse it with a message."""
+    need = {"avx512": {"avx512f", "avx512bw", "avx512dq", "avx512vl"}, "avx2": {"avx2", "fma", "f16c"}}.get(
+        (meta.get("cpu_isa") or {}).get("isa"), set())
+    if not need or meta["target"] != "llvm":
+        return
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                missing = need - set(line.split(":", 1)[1].split())
+                if missing:
+                    raise UserError(f"this library was built for {meta['cpu_isa']['isa']} (mcpu "
+                                    f"{meta['cpu_isa']['mcpu']}); this CPU lacks {', '.join(sorted(missing))}: "
+                                    "compile it with --isa native (or avx2) to run here")
+                return
 
 
 def _device_for(meta: dict):
@@ -127,16 +185,21 @@ def _install_cubin_hook(lib_path: Path, meta: dict) -> None:
 
 
 class Engine:
-    """A loaded model: VM, parameters on the device, tokenizer, one sequence in a paged KV cache."""
+    """A loaded model: VM, parameters on the device, tokenizer, one sequence in a paged KV cache.
+
+    params: numpy arrays by packed name (random weights made in memory) instead of the dir's shards.
+    zero_copy: on CPU, map aligned single-record parameters instead of copying them (`device_params`).
+    """
 
     def __init__(self, model_dir: str | Path, lib_path: str | Path, *, verify: bool = True,
-                 params: dict[str, np.ndarray] | None = None):
+                 params: dict[str, np.ndarray] | None = None, zero_copy: bool = True):
+        rss_start = rss_mib()
+        # runtime-only imports: work with TVM_USE_RUNTIME_LIB=1
         import tvm
-        from tvm.runtime.vm import VirtualMachine  # runtime-only import: works with TVM_USE_RUNTIME_LIB=1
+        from tvm.runtime.vm import VirtualMachine
 
-        from mlc_schemes.compile import fingerprint, read_packed_model
-
-        from mlc_schemes.compile import PackedModel
+        from mlc_schemes.compile import PackedModel, fingerprint, read_packed_model
+        from mlc_schemes.device_params import place_params
 
         pm = model_dir if isinstance(model_dir, PackedModel) else read_packed_model(model_dir)
         self.model_dir, self.lib_path = Path(pm.path), Path(lib_path)
@@ -147,17 +210,25 @@ class Engine:
                             f"weights {fingerprint(pm)[:12]}); recompile it for these weights")
         self.chat = pm.chat
         self.dtype = self.meta["dtype"]
+        _check_cpu_runs(self.meta)
         self.device = _device_for(self.meta)
-        if params is None:
-            from mlc_schemes.weights_dir import read_tensor_cache
-
-            params, _ = read_tensor_cache(model_dir, verify=verify)
-        concat = self.meta.get("param_concat") or {}
-        self.params = [self._to_device(name, np.concatenate([params[s] for s in concat[name]]) if name in concat
-                                       else params[name]) for name in self.meta["param_names"]]
         if self.meta["target"] == "cuda":
             _install_cubin_hook(self.lib_path, self.meta)
         self.vm = VirtualMachine(tvm.runtime.load_module(str(lib_path)), self.device)
+        rss_runtime = rss_mib()
+        if params is None:
+            from mlc_schemes.weights_dir import tensor_records, verify_shards
+
+            params, _, shards = tensor_records(pm.path)
+            if verify:
+                verify_shards(pm.path, shards)
+        placed = place_params(self.meta["param_names"], self.meta.get("param_concat") or {}, params, self.device,
+                              self.dtype, zero_copy=zero_copy)
+        self.params = placed.tensors
+        del params
+        self.memory = {"rss_at_start_mib": rss_start, "runtime_mib": rss_runtime,
+                       "weights_mib": placed.total_bytes / 2**20, "weights_mapped_mib": placed.mapped_bytes / 2**20,
+                       "weights_copied_mib": placed.copied_bytes / 2**20, "rss_after_weights_mib": rss_mib()}
         self.context = int(self.meta.get("context_window_size") or self.chat.get("context_window_size") or 2048)
         self.prefill_chunk = int(self.meta.get("prefill_chunk_size") or self.context)
         self.vocab = int(self.chat["model_config"]["vocab_size"])
@@ -172,13 +243,6 @@ class Engine:
         self.seq_len = 0
         self.reset()
 
-    def _to_device(self, name: str, arr: np.ndarray):
-        import tvm
-
-        if arr.dtype == np.float16 and self.dtype == "float32" and not name.endswith((".q_scale", ".q_zero")):
-            arr = arr.astype(np.float32)  # exact widening of the stored fp16 dense tensors (float32 compute mode)
-        return tvm.runtime.tensor(np.ascontiguousarray(arr), self.device)
-
     @property
     def tokenizer(self):
         if self._tokenizer is None:
@@ -192,6 +256,7 @@ class Engine:
         """Drop the conversation: a fresh KV cache with one empty sequence (id 0)."""
         from tvm.runtime import ShapeTuple
 
+        self.kv = None  # the old cache's pages are freed before the new one is allocated
         self.kv = self.vm["create_paged_kv_cache"](ShapeTuple([1]), ShapeTuple([self.context]),
                                                    ShapeTuple([self.prefill_chunk]), ShapeTuple([PAGE_SIZE]),
                                                    ShapeTuple([0]))
@@ -272,9 +337,32 @@ class Engine:
     def reset_stats(self) -> None:
         self.stats = Stats()
 
+    def kv_cache_mib(self, tokens: int | None = None) -> float:
+        """Bytes of K and V for `tokens` positions (default: the whole context window, as reserved), all layers,
+        in whole pages of PAGE_SIZE tokens."""
+        mc = self.chat["model_config"]
+        heads = mc.get("num_key_value_heads") or mc["num_attention_heads"]
+        head_dim = mc.get("head_dim") or mc["hidden_size"] // mc["num_attention_heads"]
+        pages = -(-(self.context if tokens is None else tokens) // PAGE_SIZE)
+        per_page = 2 * heads * PAGE_SIZE * head_dim * np.dtype(self.dtype).itemsize
+        return mc["num_hidden_layers"] * pages * per_page / 2**20
+
     def memory_report(self) -> dict:
-        """Peak process RSS (CPU); on CUDA also the device memory in use."""
+        """Peak process RSS (CPU) and where it goes; on CUDA also the device memory in use.
+
+        rss_split_mib (CPU): runtime = resident after the interpreter, TVM's runtime and the library were loaded,
+        before any weight; weights = the parameter tensors (mapped ones are page-cache pages, resident once read);
+        kv_cache = K/V of the tokens now in the cache; activations = the rest of the peak (VM workspace, logits,
+        temporaries)."""
         rep = {"peak_rss_mib": round(peak_rss_mib(), 1)}
+        if self.meta["target"] == "llvm":
+            m = self.memory
+            kv = self.kv_cache_mib(self.seq_len)
+            split = {"runtime": m["runtime_mib"], "weights": m["weights_mib"], "kv_cache": kv,
+                     "activations": max(0.0, rep["peak_rss_mib"] - m["runtime_mib"] - m["weights_mib"] - kv)}
+            rep["rss_split_mib"] = {k: round(v, 1) for k, v in split.items()}
+            rep["weights_mapped_mib"] = round(m["weights_mapped_mib"], 1)
+            rep["kv_cache_reserved_mib"] = round(self.kv_cache_mib(), 1)
         if self.meta["target"] == "cuda":
             try:
                 from cuda.bindings import runtime as cudart

@@ -1,7 +1,8 @@
 """Random packed weights with a real model's shapes (`--random-weights --preset llama2-7b`), held in memory.
 
 Speed and memory of a compiled model depend only on shapes and scheme, so a 7B model can be measured without
-downloading it. Codes are random words (one tiled random block) (3-bit words keep their 2 pad bits zero), scales 1e-3, zeros at
+downloading it. `write_random_packed_dir` writes the same weights as a packed weights dir, one tensor at a time, so
+that the engine's load from disk (and its resident memory) can be measured like a real model's. Codes are random words (one tiled random block) (3-bit words keep their 2 pad bits zero), scales 1e-3, zeros at
 mid-range, dense tensors N(0, 0.02), norms 1: activations stay finite in float16.
 """
 
@@ -67,6 +68,26 @@ def _specs(cfg: dict, scheme, linears, embed_scheme=None) -> list[tuple[str, tup
     return out
 
 
+def _tensors(specs, scheme, embed, seed: int):
+    """Yield (name, array) for every spec, one at a time."""
+    rng = np.random.default_rng(seed)
+    # Values do not matter for speed: tile one random block instead of drawing billions of numbers.
+    base_f16 = (rng.standard_normal(1 << 20, dtype=np.float32) * 0.02).astype(np.float16)
+    base_u32 = rng.integers(0, 2**32, 1 << 20, dtype=np.uint32)
+    for name, shape, _dtype, kind in specs:
+        sch = embed if name.startswith(("model.embed_tokens.", "lm_head.")) else scheme
+        if kind == "dense":
+            yield name, np.resize(base_f16, shape)
+        elif kind == "ones":
+            yield name, np.ones(shape, np.float16)
+        elif kind == "codes":  # keep the pad bits of 3-bit words zero
+            yield name, np.resize(base_u32, shape) & np.uint32((1 << (sch.bits * sch.elems_per_word)) - 1)
+        elif kind == "scale":
+            yield name, np.full(shape, 1e-3, np.float16)
+        else:
+            yield name, np.full(shape, 2 ** (sch.bits - 1), np.float16)
+
+
 def random_packed_model(preset: str, scheme_name: str, seed: int = 0, context: int = 2048, materialize: bool = True,
                         embedding_scheme: str | None = None):
     """-> (PackedModel, params {name: numpy} or None) for `preset` with `scheme_name` ("none" = fp16 dense) and
@@ -85,26 +106,7 @@ def random_packed_model(preset: str, scheme_name: str, seed: int = 0, context: i
     scheme = get_scheme(scheme_name) if scheme_name not in NO_QUANT else None
     embed = get_scheme(embedding_scheme) if embedding_scheme else None
     specs = _specs(cfg, scheme, linears, embed)
-    params = None
-    if materialize:
-        rng = np.random.default_rng(seed)
-        # Values do not matter for speed: tile one random block instead of drawing billions of numbers.
-        base_f16 = (rng.standard_normal(1 << 20, dtype=np.float32) * 0.02).astype(np.float16)
-        base_u32 = rng.integers(0, 2**32, 1 << 20, dtype=np.uint32)
-        params = {}
-        for name, shape, _dtype, kind in specs:
-            if kind == "dense":
-                params[name] = np.resize(base_f16, shape)
-            elif kind == "ones":
-                params[name] = np.ones(shape, np.float16)
-            else:
-                sch = embed if name.startswith(("model.embed_tokens.", "lm_head.")) else scheme
-                if kind == "codes":  # keep the pad bits of 3-bit words zero
-                    params[name] = np.resize(base_u32, shape) & np.uint32((1 << (sch.bits * sch.elems_per_word)) - 1)
-                elif kind == "scale":
-                    params[name] = np.full(shape, 1e-3, np.float16)
-                else:
-                    params[name] = np.full(shape, 2 ** (sch.bits - 1), np.float16)
+    params = dict(_tensors(specs, scheme, embed, seed)) if materialize else None
     context = min(context, cfg["max_position_embeddings"])
     qcfg = (scheme.to_json() | {"quantized_linears": linears}) if scheme else {}
     emb_names = {"model.embed_tokens": [cfg["vocab_size"], cfg["hidden_size"]]}
@@ -119,3 +121,40 @@ def random_packed_model(preset: str, scheme_name: str, seed: int = 0, context: i
     pm = PackedModel(Path(f"<random {preset}>"), chat, scheme, set(linears) if scheme else set(), records,
                      embed, set(emb_names) if embed else frozenset())
     return pm, params
+
+
+def write_random_packed_dir(preset: str, scheme_name: str, out: str | Path, seed: int = 0, context: int = 2048,
+                            embedding_scheme: str | None = None):
+    """Write `random_packed_model`'s weights to `out` as a packed weights dir (tensor cache + mlc-chat-config.json,
+    no tokenizer), one tensor at a time (memory stays at one shard), into a temporary sibling renamed at the end.
+    Returns the PackedModel read back from `out`."""
+    import json
+    import shutil
+
+    from mlc_schemes.compile import read_packed_model
+    from mlc_schemes.schemes import get_scheme
+    from mlc_schemes.weights_dir import CHAT_CONFIG, write_tensor_cache
+
+    out = Path(out)
+    if out.exists():
+        raise UserError(f"{out} exists; remove it or choose another --weights-dir")
+    pm, _ = random_packed_model(preset, scheme_name, seed, context, materialize=False,
+                                embedding_scheme=embedding_scheme)
+    scheme = get_scheme(scheme_name) if scheme_name not in NO_QUANT else None
+    embed = get_scheme(embedding_scheme) if embedding_scheme else None
+    cfg = pm.chat["model_config"]
+    specs = _specs(cfg, scheme, _linears(cfg), embed)
+    tmp = out.with_name(f".{out.name}.tmp-{__import__('os').getpid()}")
+    tmp.mkdir(parents=True)
+    try:
+        # parameter count of the unquantized model: linears, embedding (+ untied lm_head), norms
+        h, v = cfg["hidden_size"], cfg["vocab_size"]
+        logical = sum(n * k for n, k in _linears(cfg).values()) + v * h * (1 if cfg["tie_word_embeddings"] else 2) \
+            + h * (2 * cfg["num_hidden_layers"] + 1)
+        write_tensor_cache(_tensors(specs, scheme, embed, seed), tmp, lambda: logical)
+        (tmp / CHAT_CONFIG).write_text(json.dumps(pm.chat, indent=1))
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return read_packed_model(out)

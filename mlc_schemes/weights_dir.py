@@ -4,7 +4,9 @@
 `{dataPath, format: "raw-shard", nbytes, md5sum, records: [{name, shape, dtype, format, nbytes, byteOffset}]}`.
 Writing goes through TVM's own `tvm.contrib.tvmjs.dump_tensor_cache` (shards of at most 32 MB; a single tensor
 larger than half the cap gets a shard of its own, so an embedding of more than 32 MB makes a larger shard, as in
-MLC-LLM). Reading is plain numpy, so the loader needs no TVM.
+MLC-LLM). Reading is plain numpy, so the loader needs no TVM: `tensor_records` parses and checks the index (where
+each tensor lies in which shard), `verify_shards` streams the md5 of each shard, `read_tensor_cache` reads it all
+into numpy; the engine places records straight into device tensors (`mlc_schemes.device_params`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import hashlib
 import io
 import json
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,10 +61,23 @@ def write_tensor_cache(params: Iterable[tuple[str, np.ndarray]], directory: Path
     return json.loads((directory / TENSOR_CACHE).read_text())["metadata"]
 
 
-def read_tensor_cache(directory: str | Path, verify: bool = True) -> tuple[dict[str, np.ndarray], dict]:
-    """Read `directory/tensor-cache.json` and its shards -> (name -> numpy array, metadata).
+@dataclass(frozen=True)
+class TensorRecord:
+    """Where one tensor lies: `nbytes` raw bytes at `offset` of shard file `path`."""
 
-    With `verify`, each shard's size and md5 must match its record; a mismatch raises UserError.
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    path: Path
+    offset: int
+    nbytes: int
+
+
+def tensor_records(directory: str | Path) -> tuple[dict[str, TensorRecord], dict, list[dict]]:
+    """Parse and check `directory/tensor-cache.json` -> (name -> TensorRecord, metadata, shard entries).
+
+    Checks (without reading the shards): every shard exists with the size the index gives, every record lies
+    inside its shard with a supported dtype and raw format; anything else raises UserError.
     """
     directory = Path(directory)
     index = directory / TENSOR_CACHE
@@ -72,26 +88,48 @@ def read_tensor_cache(directory: str | Path, verify: bool = True) -> tuple[dict[
         shards = cache["records"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"{index} is corrupt: {e}") from None
-    params: dict[str, np.ndarray] = {}
+    records: dict[str, TensorRecord] = {}
     for shard in shards:
         path = directory / shard["dataPath"]
         if not path.is_file():
             raise UserError(f"missing weight shard {path}")
-        data = path.read_bytes()
-        if len(data) != shard["nbytes"]:
-            raise UserError(f"weight shard {path.name} has {len(data)} bytes, the index says {shard['nbytes']}")
-        if verify and hashlib.md5(data).hexdigest() != shard.get("md5sum"):
-            raise UserError(f"md5 mismatch in weight shard {path.name}: the file is corrupt")
+        size = path.stat().st_size
+        if size != shard["nbytes"]:
+            raise UserError(f"weight shard {path.name} has {size} bytes, the index says {shard['nbytes']}")
         for rec in shard["records"]:
             if rec["dtype"] not in _NUMPY_DTYPES or rec.get("format", "raw") != "raw":
                 raise UserError(f"unsupported record {rec['name']}: dtype {rec['dtype']} format {rec.get('format')}")
             start, nbytes = rec["byteOffset"], rec["nbytes"]
-            if start + nbytes > len(data):
-                raise UserError(f"record {rec['name']} runs past the end of {path.name}")
-            arr = np.frombuffer(data, dtype=rec["dtype"], count=nbytes // np.dtype(rec["dtype"]).itemsize,
-                                offset=start)
-            params[rec["name"]] = arr.reshape(rec["shape"])
-    return params, cache.get("metadata", {})
+            if start + nbytes > size or nbytes != np.dtype(rec["dtype"]).itemsize * int(np.prod(rec["shape"])):
+                raise UserError(f"record {rec['name']} runs past the end of {path.name} or does not fit its shape")
+            records[rec["name"]] = TensorRecord(rec["name"], tuple(rec["shape"]), rec["dtype"], path, start, nbytes)
+    return records, cache.get("metadata", {}), shards
+
+
+def verify_shards(directory: str | Path, shards: list[dict], chunk: int = 16 << 20) -> None:
+    """md5 of each shard against its index entry, read in `chunk`-byte pieces (page cache, not process memory)."""
+    for shard in shards:
+        path = Path(directory) / shard["dataPath"]
+        h = hashlib.md5()
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+        if h.hexdigest() != shard.get("md5sum"):
+            raise UserError(f"md5 mismatch in weight shard {path.name}: the file is corrupt")
+
+
+def read_tensor_cache(directory: str | Path, verify: bool = True) -> tuple[dict[str, np.ndarray], dict]:
+    """Read `directory/tensor-cache.json` and its shards -> (name -> numpy array, metadata).
+
+    With `verify`, each shard's md5 must match its record; a mismatch raises UserError.
+    """
+    records, metadata, shards = tensor_records(directory)
+    if verify:
+        verify_shards(directory, shards)
+    data = {path: path.read_bytes() for path in {r.path for r in records.values()}}
+    params = {name: np.frombuffer(data[r.path], dtype=r.dtype, count=r.nbytes // np.dtype(r.dtype).itemsize,
+                                  offset=r.offset).reshape(r.shape) for name, r in records.items()}
+    return params, metadata
 
 
 def shard_files(directory: str | Path) -> list[Path]:

@@ -160,3 +160,32 @@ def test_rope_split_equals_tvms_kernel(scaling, apply_rope):
     for ours, theirs in zip(*outs):
         np.testing.assert_allclose(ours, theirs, atol=2e-3)  # one float16 ulp at |x| ~ 2
     assert (outs[0][2] == qkv[:, H_Q + H_KV:].astype(np.float32)).all()
+
+
+@pytest.mark.parametrize("isa", ["avx512", "sse"])  # the host's (AVX2 or AVX-512) vector width runs above
+def test_other_vector_widths(isa):
+    """The 16-lane (AVX-512) and 4-lane schedules, run on this CPU (LLVM splits / keeps the vectors): decode
+    over 37 paged keys and a causal ragged prefill of 17 rows give the reference results too."""
+    from mlc_schemes.model.isa import BY_NAME
+
+    rng = np.random.default_rng(11)
+    pool, ids, last, k, v = _paged(37, rng)
+    q = rng.standard_normal((1, H_Q, D)).astype(np.float16)
+    f = _compile(ac.attention_decode_cpu(H_KV, H_Q, D, "float16", isa=BY_NAME[isa]))
+    out, lse = _t(np.zeros((1, H_Q, D), np.float16)), _t(np.zeros((1, H_Q), np.float32))
+    zero = _t(np.zeros(1, np.int32))
+    f(_t(q), _t(pool), _t(np.array([0, len(ids)], np.int32)), _t(ids), _t(np.array([last], np.int32)), zero, zero,
+      out, lse, 0, 1.0, 1e4, SM)
+    ref_out, ref_lse = _reference(q, k, v, causal=False)
+    np.testing.assert_allclose(out.numpy(), ref_out, atol=2e-3)
+    np.testing.assert_allclose(lse.numpy(), ref_lse, atol=1e-5)
+    n = 17
+    q, k, v = (rng.standard_normal((n, h, D)).astype(np.float16) for h in (H_Q, H_KV, H_KV))
+    f = _compile(ac.attention_prefill_ragged_cpu(H_KV, H_Q, D, "float16", isa=BY_NAME[isa]))
+    out, lse = _t(np.zeros((n, H_Q, D), np.float16)), _t(np.zeros((n, H_Q), np.float32))
+    ind = _t(np.array([0, n], np.int32))
+    f(_t(q), ind, _t(k), _t(v), ind, _t(np.zeros(n, np.int32)), _t(np.zeros(1, np.int32)), out, lse, 1, 0, 1.0,
+      1e4, SM)
+    ref_out, ref_lse = _reference(q, k, v, causal=True)
+    np.testing.assert_allclose(out.numpy(), ref_out, atol=2e-3)
+    np.testing.assert_allclose(lse.numpy(), ref_lse, atol=1e-5)

@@ -210,6 +210,13 @@ def test_cli_evaluate_writes_json(llama_w3, tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     assert res["prefill_tok_per_s"] > 0 and res["decode_tok_per_s"] > 0 and res["peak_rss_mib"] > 0
+    # resident memory split: the weights are the packed tensors (fp16 dense ones widened: float32 library)
+    split = res["rss_split_mib"]
+    assert set(split) == {"runtime", "weights", "kv_cache", "activations"}
+    packed = sum(f.stat().st_size for f in (llama_w3 / "packed").glob("params_shard_*.bin")) / 2**20
+    assert packed <= split["weights"] <= 2 * packed
+    assert split["kv_cache"] > 0 and split["runtime"] > 0
+    assert abs(sum(split.values()) - res["peak_rss_mib"]) <= 0.5
 
 
 def test_vulkan_and_unknown_targets_fail_cleanly(llama_w3, tmp_path):
@@ -234,3 +241,97 @@ def test_gpu_targets_compile_without_gpu(llama_w3, tmp_path, target, suffix):
 
         with pytest.raises(UserError, match="no CUDA GPU"):
             Engine(llama_w3 / "packed", lib)
+
+
+def _host_has(*flags):
+    from pathlib import Path
+
+    line = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    return set(flags) <= set(line.split(":", 1)[-1].split())
+
+
+@pytest.mark.skipif(not _host_has("avx2", "fma", "f16c"), reason="needs an AVX2 CPU to run the AVX2 build")
+def test_avx2_build_gives_the_native_tokens_and_perplexity(llama_w3, tmp_path):
+    """`compile --isa avx2` (mcpu x86-64-v3, 8-lane schedules): same greedy tokens and perplexity (within 1e-3 of
+    torch) as the native build; on an AVX-512 host that compares the 8- and 16-lane schedules."""
+    from transformers import AutoTokenizer
+
+    from mlc_schemes.compile import compile_packed
+    from mlc_schemes.engine import Engine, tvm_perplexity
+    from omniquant.data import load_tokens
+    from omniquant.ppl import perplexity
+
+    root = llama_w3
+    meta = compile_packed(root / "packed", "llvm", tmp_path / "avx2.so", dtype="float32", isa="avx2")
+    assert meta["cpu_isa"] == {"mcpu": "x86-64-v3", "isa": "avx2", "lanes": 8}
+    ids = list(range(5, 40))
+    native, avx2 = Engine(root / "packed", root / "lib32.so"), Engine(root / "packed", tmp_path / "avx2.so")
+    assert avx2.generate_ids(ids, 20, stop_on_eos=False) == native.generate_ids(ids, 20, stop_on_eos=False)
+    tokens = load_tokens(AutoTokenizer.from_pretrained(root / "packed"), str(EVAL))[: 4 * 256]
+    ppl_torch = perplexity(_torch_model(root / "fq", root / "packed", round_dense=False), tokens, 256)
+    for lib in (root / "lib32.so", tmp_path / "avx2.so"):
+        ppl = tvm_perplexity(root / "packed", lib, tokens, 256)
+        assert abs(ppl - ppl_torch) / ppl_torch <= 1e-3, (lib.name, ppl, ppl_torch)
+
+
+def test_avx512_build_compiles_and_runs_only_where_supported(llama_w3, tmp_path):
+    """An AVX-512 library (x86-64-v4) builds on any machine; the engine runs it on an AVX-512 CPU and refuses it
+    elsewhere with a message instead of dying of an illegal instruction."""
+    from mlc_schemes.compile import compile_packed
+    from mlc_schemes.engine import Engine
+
+    meta = compile_packed(llama_w3 / "packed", "llvm", tmp_path / "avx512.so", dtype="float32", isa="avx512")
+    assert meta["cpu_isa"] == {"mcpu": "x86-64-v4", "isa": "avx512", "lanes": 16}
+    if _host_has("avx512f", "avx512bw", "avx512dq", "avx512vl"):
+        ref = Engine(llama_w3 / "packed", llama_w3 / "lib32.so").prefill(list(range(3, 30)), all_logits=True)
+        got = Engine(llama_w3 / "packed", tmp_path / "avx512.so").prefill(list(range(3, 30)), all_logits=True)
+        np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max())
+    else:
+        with pytest.raises(UserError, match="lacks avx512"):
+            Engine(llama_w3 / "packed", tmp_path / "avx512.so")
+    r = _cli("compile", "--model", str(llama_w3 / "packed"), "--isa", "pentium-nine", "--output",
+             str(tmp_path / "x.so"))
+    assert r.returncode == 2 and "unknown --isa" in r.stderr
+
+
+def _misalign_first_shard(packed, out):
+    """Copy of a packed dir whose first shard starts with 4 extra bytes: its records lose their 64-byte alignment."""
+    import hashlib
+
+    shutil.copytree(packed, out)
+    index = json.loads((out / "tensor-cache.json").read_text())
+    shard = index["records"][0]
+    path = out / shard["dataPath"]
+    data = b"\0" * 4 + path.read_bytes()
+    path.write_bytes(data)
+    shard.update(nbytes=len(data), md5sum=hashlib.md5(data).hexdigest())
+    for rec in shard["records"]:
+        rec["byteOffset"] += 4
+    (out / "tensor-cache.json").write_text(json.dumps(index))
+    return out
+
+
+def test_zero_copy_load_equals_copy_load(llama_w3, tmp_path):
+    """Parameters mapped from the shards (zero-copy views) give the same logits, bit for bit, as parameters
+    copied into fresh tensors; misaligned records fall back to copies and give them too."""
+    import tvm_ffi
+
+    from mlc_schemes.engine import Engine
+
+    lib = llama_w3 / "lib32.so"
+    ids = list(range(3, 45))
+    copied = Engine(llama_w3 / "packed", lib, zero_copy=False)
+    mapped = Engine(llama_w3 / "packed", lib)
+    assert copied.memory["weights_mapped_mib"] == 0
+    assert mapped.memory["weights_mapped_mib"] > 0.3 * mapped.memory["weights_mib"]
+    assert mapped.memory["weights_mib"] == copied.memory["weights_mib"]
+    # a mapped parameter is a view of the file: its bytes are the record's, its memory not a TVM allocation
+    name = next(n for n in mapped.meta["param_names"] if n.endswith("o_proj.q_weight"))
+    t = mapped.params[mapped.meta["param_names"].index(name)]
+    assert isinstance(t, tvm_ffi.Tensor) and t.data_ptr() % 64 == 0
+    ref = copied.prefill(ids, all_logits=True)
+    np.testing.assert_array_equal(mapped.prefill(ids, all_logits=True), ref)
+    np.testing.assert_array_equal(mapped.decode(7), copied.decode(7))
+    shifted = Engine(_misalign_first_shard(llama_w3 / "packed", tmp_path / "shifted"), lib)
+    assert shifted.memory["weights_mapped_mib"] < mapped.memory["weights_mapped_mib"]  # first shard's records copied
+    np.testing.assert_array_equal(shifted.prefill(ids, all_logits=True), ref)

@@ -36,6 +36,7 @@ def _run(func, args, m, n, out_dtype):
         (4, None, 77, 9, None),  # per-channel: one group per row
         (4, 32, 96, 16, 7),  # MLC symmetric q4f16_1: fixed zero 2^(b-1)-1
         (3, 40, 120, 12, 3),  # q3f16_1
+        (8, 128, 576, 20, None),  # the 8-bit embedding / lm_head scheme: the top code reaches bit 31
     ],
 )
 @pytest.mark.parametrize("m", [1, 5, 131])  # GEMV; blocked GEMM with a partial row block; two 128-row chunks
@@ -69,3 +70,26 @@ def test_dense_matmul_fp16_weight_fp32_accumulation(k, m):
     out = _run(cpu_matmul_nt(n, k, "float16", "float16", None, w_dtype="float16"), [x, w], m, n, "float16")
     # float32 accumulation: the only error is the final rounding to float16 (half an ulp, 2^-11 relative).
     np.testing.assert_allclose(out.astype(np.float64), ref, rtol=2**-10, atol=1e-3)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "sse"])
+@pytest.mark.parametrize("bits,k", [(4, 576), (3, 576), (8, 320)])
+@pytest.mark.parametrize("m", [1, 9])
+def test_quant_matmul_schedules_for_each_isa(isa, bits, k, m):
+    """The vector width / register tiles of every ISA's schedule (16, 8 and 4 float32 lanes), all run on this CPU
+    (LLVM splits wider vectors), give the numpy result: GEMV (M = 1, plain and windowed 3-bit) and blocked GEMM."""
+    from mlc_schemes.model.isa import BY_NAME
+
+    rng = np.random.default_rng(bits + k + m)
+    n, gw = 13, 128
+    groups = math.ceil(k / gw)
+    codes = rng.integers(0, 2**bits, (n, k))
+    codes[:, -1] = 2**bits - 1  # top codes set: the in-place extraction of the highest field
+    scale = (rng.random((n, groups)) * 0.05 + 0.01).astype(np.float16)
+    zero = rng.integers(0, 2**bits, (n, groups)).astype(np.float16)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    g = np.arange(k) // gw
+    ref = x.astype(np.float64) @ ((codes - zero.astype(np.float64)[:, g]) * scale.astype(np.float64)[:, g]).T
+    func = cpu_matmul_nt(n, k, "float32", "float32", QuantSpec(bits, gw, None), isa=BY_NAME[isa])
+    out = _run(func, [x, pack_codes(codes, bits), scale, zero], m, n, "float32")
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())

@@ -10,8 +10,8 @@ cache is built (`patched_cpu_attention`):
     lse = m + log2(sum_j 2^(s_j - m))                      base 2, as TVM's merge kernel expects
 
 with visible(row) = kv_len - qo_len + row + 1 when causal, kv_len otherwise (TVM's `_causal_mask`). Query heads (x
-query rows for prefill) run in parallel; dot products and the value update are 16-lane float32 vector loops, and
-2^x is a polynomial (`exp2_poly`) that vectorises. RoPE must already be applied (`RopeMode.NORMAL`, so the kernels
+query rows for prefill) run in parallel; dot products and the value update are float32 vector loops as wide as the
+target's registers (`mlc_schemes.model.isa`: 16 lanes on AVX-512, 8 on AVX2), and 2^x is a polynomial (`exp2_poly`) that vectorises. RoPE must already be applied (`RopeMode.NORMAL`, so the kernels
 see `rotary_mode` 0); sliding-window variants stay TVM's. `rope_cpu` replaces the RoPE / q-k-v split kernel
 (TVM's evaluates cos and sin once per head).
 """
@@ -19,26 +19,27 @@ see `rotary_mode` 0); sliding-window variants stay TVM's. `rope_cpu` replaces th
 from __future__ import annotations
 
 import contextlib
-import math
 
 from tvm.script import tirx as T
 
+from mlc_schemes.model.isa import CpuIsa, current_isa
 from mlc_schemes.model.kernels import LOG2E, _hsum, exp2_poly
 
-LANES = 16  # float32 lanes of one AVX-512 vector
 CHUNK = 16  # keys per online-softmax step (= the KV cache page size)
 NEG = -3.0e38  # "minus infinity" that stays finite through max / subtraction
-def _attend(d: int):
+
+
+def _attend(d: int, lanes: int):
     """TIR macro: one query row of one head against `nvis` keys, online softmax over CHUNK-key steps.
 
     `qf[d]` holds the query already scaled by sm_scale * log2(e); `k_at(c, r, i)` / `v_at(c, r, i)` read element i
     of key / value `c * CHUNK + r`. Leaves the unnormalised output in `acc[d]`, the running max in `st[0]` and the
-    sum of 2^(s - max) in `st[1]` (0 when nvis == 0). Scratch: `sc[1, LANES]`, `p[CHUNK]`. (Scratch declared inside a parallel loop must be
-    "global" scope and under 1 KiB: TVM then puts it on the stack, where LLVM keeps it in registers; otherwise every
-    iteration calls TVMBackendAllocWorkspace.)
+    sum of 2^(s - max) in `st[1]` (0 when nvis == 0). Scratch: `sc[1, lanes]`, `p[CHUNK]`. (Scratch declared
+    inside a parallel loop must be "global" scope and under 1 KiB: TVM then puts it on the stack, where LLVM keeps
+    it in registers; otherwise every iteration calls TVMBackendAllocWorkspace.)
     """
-    nd = d // LANES
-    hs = _hsum(LANES)
+    nd = d // lanes
+    hs = _hsum(lanes)
 
     @T.macro
     def attend(qf, acc, st, sc, p, k_at, v_at, nvis):
@@ -49,11 +50,11 @@ def _attend(d: int):
         for c in range((nvis + CHUNK - 1) // CHUNK):
             for r in range(CHUNK):
                 if c * CHUNK + r < nvis:
-                    for j in T.vectorized(LANES):
+                    for j in T.vectorized(lanes):
                         sc[0, j] = T.float32(0)
                     for i in T.unroll(nd):
-                        for j in T.vectorized(LANES):
-                            sc[0, j] = sc[0, j] + qf[i * LANES + j] * T.Cast("float32", k_at(c, r, i * LANES + j))
+                        for j in T.vectorized(lanes):
+                            sc[0, j] = sc[0, j] + qf[i * lanes + j] * T.Cast("float32", k_at(c, r, i * lanes + j))
                     hs(sc, 0)
                     p[r] = sc[0, 0]
                 else:
@@ -88,17 +89,17 @@ def _visible(causal, nk, nq, row):
     return T.if_then_else(causal > 0, T.max(T.min(nk, nk - nq + row + 1), 0), nk)
 
 
-def _query(d: int, dtype: str):
+def _query(d: int, dtype: str, lanes: int):
     """TIR macro: attention of query row `row`, head `h` of q [rows, heads, d] over `nvis` keys (`_attend`), written
     to out[row, h, :] = acc / l and lse[row, h] = m + log2(l); without keys 0 and -5e4, as TVM's kernels."""
-    attend = _attend(d)
+    attend = _attend(d, lanes)
 
     @T.macro
     def query(q, row, h, sm_scale, k_at, v_at, nvis, out, lse):
         qf = T.decl_buffer((d,), "float32")
         acc = T.decl_buffer((d,), "float32")
         st = T.decl_buffer((4,), "float32")
-        sc = T.decl_buffer((1, LANES), "float32")
+        sc = T.decl_buffer((1, lanes), "float32")
         p = T.decl_buffer((CHUNK,), "float32")
         for i in T.vectorized(d):
             qf[i] = T.Cast("float32", q[row, h, i]) * sm_scale * T.float32(LOG2E)
@@ -115,10 +116,10 @@ def _query(d: int, dtype: str):
     return query
 
 
-def attention_decode_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 16):
+def attention_decode_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 16, isa: CpuIsa | None = None):
     """`batch_decode_paged_kv_cpu`: Q [B, h_q, d] (one new token per sequence) against its paged K/V."""
     group = h_q // h_kv
-    query = _query(d, dtype)
+    query = _query(d, dtype, (isa or current_isa()).lanes)
 
     @T.prim_func
     def batch_decode_paged_kv_cpu(Q_handle: T.handle, pages_handle: T.handle, page_table_indptr_handle: T.handle,
@@ -142,9 +143,9 @@ def attention_decode_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int
         lse = T.match_buffer(lse_handle, (B, h_q), "float32")
         assert rotary_mode == 0, "CPU attention kernels need RoPE applied before the cache (RopeMode.NORMAL)"
         for t in T.parallel(B * h_q):
-            b = t // h_q
-            h = t % h_q
-            begin = indptr[b]
+            b: T.let = t // h_q
+            h: T.let = t % h_q
+            begin: T.let = indptr[b]
             query(Q, b, h, sm_scale,
                   lambda c, r, i: pages[values[begin + c], 0, h // group, r, i],
                   lambda c, r, i: pages[values[begin + c], 1, h // group, r, i],
@@ -153,12 +154,12 @@ def attention_decode_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int
     return batch_decode_paged_kv_cpu
 
 
-def attention_prefill_ragged_cpu(h_kv: int, h_q: int, d: int, dtype: str):
+def attention_prefill_ragged_cpu(h_kv: int, h_q: int, d: int, dtype: str, isa: CpuIsa | None = None):
     """`batch_prefill_ragged_kv`: the new tokens' q [n, h_q, d] against their own k/v [n, h_kv, d] (ragged batch
     given by q_indptr / kv_indptr). (head, row) pairs run in parallel, head outermost so that a static split over
     the cores gets equal causal work."""
     group = h_q // h_kv
-    query = _query(d, dtype)
+    query = _query(d, dtype, (isa or current_isa()).lanes)
 
     @T.prim_func
     def batch_prefill_ragged_kv(var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle,
@@ -185,10 +186,10 @@ def attention_prefill_ragged_cpu(h_kv: int, h_q: int, d: int, dtype: str):
         assert rotary_mode == 0, "CPU attention kernels need RoPE applied before the cache (RopeMode.NORMAL)"
         for b in range(batch_size):
             for t in T.parallel(h_q * (q_indptr[b + 1] - q_indptr[b])):
-                nq = q_indptr[b + 1] - q_indptr[b]
-                nk = kv_indptr[b + 1] - kv_indptr[b]
-                h = t // nq
-                k0 = kv_indptr[b]
+                nq: T.let = q_indptr[b + 1] - q_indptr[b]
+                nk: T.let = kv_indptr[b + 1] - kv_indptr[b]
+                h: T.let = t // nq
+                k0: T.let = kv_indptr[b]
                 query(q, q_indptr[b] + t % nq, h, sm_scale,
                       lambda c, r, i: k[k0 + c * CHUNK + r, h // group, i],
                       lambda c, r, i: v[k0 + c * CHUNK + r, h // group, i],
@@ -197,10 +198,11 @@ def attention_prefill_ragged_cpu(h_kv: int, h_q: int, d: int, dtype: str):
     return batch_prefill_ragged_kv
 
 
-def attention_prefill_paged_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 16):
+def attention_prefill_paged_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = 16,
+                                isa: CpuIsa | None = None):
     """`batch_prefill_paged_kv_cpu`: q [n, h_q, d] of the new tokens against the K/V already in the pages."""
     group = h_q // h_kv
-    query = _query(d, dtype)
+    query = _query(d, dtype, (isa or current_isa()).lanes)
 
     @T.prim_func
     def batch_prefill_paged_kv_cpu(var_q: T.handle, var_q_indptr: T.handle, var_pages: T.handle,
@@ -228,9 +230,9 @@ def attention_prefill_paged_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_si
         assert rotary_mode == 0, "CPU attention kernels need RoPE applied before the cache (RopeMode.NORMAL)"
         for b in range(batch_size):
             for t in T.parallel(h_q * (q_indptr[b + 1] - q_indptr[b])):
-                nq = q_indptr[b + 1] - q_indptr[b]
-                begin = page_indptr[b]
-                h = t // nq
+                nq: T.let = q_indptr[b + 1] - q_indptr[b]
+                begin: T.let = page_indptr[b]
+                h: T.let = t // nq
                 query(q, q_indptr[b] + t % nq, h, sm_scale,
                       lambda c, r, i: pages[values[begin + c], 0, h // group, r, i],
                       lambda c, r, i: pages[values[begin + c], 1, h // group, r, i],
@@ -303,7 +305,7 @@ def rope_cpu(theta: float, scale: float, head_dim: int, h_q: int, h_kv: int, dty
 # TVM's kernel factories replaced while a TIRPagedKVCache is built, with the arguments kv_cache.py calls them with.
 def _decode_factory(original):
     def make(h_kv, h_q, d, dtype, sliding_window, rope_scaling, page_size=16):
-        if sliding_window or d % LANES or page_size != CHUNK:
+        if sliding_window or d % current_isa().lanes or page_size != CHUNK:
             return original(h_kv, h_q, d, dtype, sliding_window, rope_scaling, page_size)
         return attention_decode_cpu(h_kv, h_q, d, dtype, page_size)
 
@@ -312,7 +314,7 @@ def _decode_factory(original):
 
 def _prefill_factory(original):
     def make(h_kv, h_q, d, dtype, sliding_window, rope_scaling, page_size=16, **kw):
-        if sliding_window or d % LANES or page_size != CHUNK:
+        if sliding_window or d % current_isa().lanes or page_size != CHUNK:
             return original(h_kv, h_q, d, dtype, sliding_window, rope_scaling, page_size, **kw)
         return attention_prefill_paged_cpu(h_kv, h_q, d, dtype, page_size)
 
@@ -321,7 +323,7 @@ def _prefill_factory(original):
 
 def _ragged_factory(original):
     def make(h_kv, h_q, d_qk, d_v, dtype, rope_scaling):
-        if d_qk != d_v or d_qk % LANES:
+        if d_qk != d_v or d_qk % current_isa().lanes:
             return original(h_kv, h_q, d_qk, d_v, dtype, rope_scaling)
         return attention_prefill_ragged_cpu(h_kv, h_q, d_qk, dtype)
 

@@ -12,10 +12,13 @@ CPU (llvm): hand-written TIR, two paths chosen at run time on M:
 - M = 1 (decode), the GEMV that dominates a decode step: `_gemv_quant` works on raw packed words (one contiguous
   vector load of words per row, each code isolated by a single AND with its in-word mask and converted, x
   pre-transposed and pre-scaled once per call so the FMA operand is contiguous), applies scale / zero once per
-  group, and runs 4 rows per step with independent accumulators; `_cpu_dense` M = 1 converts x to float32 once and
-  shares each x vector over 4 rows. Rows are split over the cores in at most TASKS tasks.
-- M > 1 (prefill): each output row n (parallel over the cores) is decoded once into a float32 row buffer, then
-  dotted with every input row m with a 16-lane vector accumulator (the decode is amortised over M).
+  group, and runs ROWS rows per step with independent accumulators; `_cpu_dense` M = 1 converts x to float32 once
+  and shares each x vector over ROWS rows. Rows are split over the cores in at most TASKS tasks.
+- M > 1 (prefill): blocks of weight rows (parallel over the cores) are decoded once into float32 row buffers,
+  then dotted with blocks of input rows in register tiles (the decode is amortised over M).
+
+Vector width and register tiles follow the target's ISA (`mlc_schemes.model.isa`: 16 float32 lanes and 32
+registers on AVX-512, 8 and 16 on AVX2), passed as `isa` or taken from `isa.current_isa()`.
 
 Weights are read once, in packed form, and never materialised in memory. Generic schedules were avoided on
 purpose: dlight `cpu.GEMV` made a 2-layer model compile in minutes.
@@ -33,7 +36,7 @@ from dataclasses import dataclass
 from tvm import te, tirx
 from tvm.script import tirx as T
 
-VECTOR_LANES = 16  # AVX-512 float32 lanes; LLVM splits it on narrower machines
+from mlc_schemes.model.isa import CpuIsa, current_isa
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,7 @@ def _prefetch_rows(n: int, row_elems: int, elem_bytes: int = 4):
     return prefetch
 
 
-def _pow2_lanes(count: int, cap: int = VECTOR_LANES) -> int:
+def _pow2_lanes(count: int, cap: int) -> int:
     """Largest power of two <= cap dividing `count` (vector width of a loop of `count` iterations)."""
     lanes = 1
     while lanes < cap and count % (lanes * 2) == 0:
@@ -88,20 +91,28 @@ def _pow2_lanes(count: int, cap: int = VECTOR_LANES) -> int:
     return lanes
 
 
-GEMM_RN, GEMM_RM = 4, 2  # M > 1: weight rows x input rows per register block (8 accumulators of 16 lanes)
 GEMM_MC = 128  # input rows per chunk: the float32 copy of a chunk of x stays in L2 while every weight block passes
 
 
-def _gemm(n: int, length: int, out_dtype: str, load_x, decode_row):
+def gemm_tile(isa: CpuIsa) -> tuple[int, int]:
+    """M > 1 register tile (weight rows RN, input rows RM): RN * RM vector accumulators, the RN weight vectors of a
+    step and one input vector at a time stay within the register file, with enough independent accumulator
+    chains to cover the FMA latency. 16 registers (AVX2, SSE): 3 x 4 = 12 + 3 + 1 (llvm-mca, Zen 3 model: 1.4 FMAs
+    per cycle against 1.0 for 4 x 2: fewer loads per FMA, more chains). 32 registers (AVX-512): 4 x 2, measured on
+    Zen 4, whose one 512-bit FMA per cycle it already keeps busy (4 x 4 modelled no faster there)."""
+    return (4, 2) if isa.registers >= 32 else (3, 4)
+
+
+def _gemm(n: int, length: int, out_dtype: str, load_x, decode_row, isa: CpuIsa):
     """TIR macro `(x, y, m_len, w0, w1, w2)` for M > 1: `y[m, nn] = sum_l xf[m, l] * buf_nn[l]`, l < length.
 
     The weight is consumed in blocks of GEMM_RN rows (parallel over the cores): `decode_row(buf, r, nn, w0, w1, w2)`
     writes row nn as float32 into buf[r, :] once per block and chunk, in the same layout in which
     `load_x(x, m, l)` reads x (natural, or permuted so that the decode vectorises; padding columns read 0). Then
     GEMM_RM input rows at a time meet the GEMM_RN decoded rows with GEMM_RM * GEMM_RN vector accumulators, so each
-    loaded vector feeds several FMAs. x is converted to float32 once per GEMM_MC-row chunk.
+    loaded vector feeds several FMAs (`gemm_tile`). x is converted to float32 once per GEMM_MC-row chunk.
     """
-    vl, RN, RM, MC = VECTOR_LANES, GEMM_RN, GEMM_RM, GEMM_MC
+    (RN, RM), vl, MC = gemm_tile(isa), isa.lanes, GEMM_MC
     lfull = length // vl * vl
     nblk = math.ceil(n / RN)
     hs = _hsum(vl)
@@ -143,18 +154,22 @@ def _gemm(n: int, length: int, out_dtype: str, load_x, decode_row):
     return gemm
 
 
-@functools.lru_cache(maxsize=None)  # one TVMScript parse per distinct shape, not per layer (compile time)
-def cpu_matmul_nt(n: int, k: int, x_dtype: str, out_dtype: str, quant: QuantSpec | None, w_dtype: str = "float16"):
+def cpu_matmul_nt(n: int, k: int, x_dtype: str, out_dtype: str, quant: QuantSpec | None, w_dtype: str = "float16",
+                  isa: CpuIsa | None = None):
     """TIR PrimFunc `(x[M, K], <weight args>, y[M, N])`, M symbolic; `y = x @ W^T` accumulated in float32.
 
     Weight args: quantized -> q_weight uint32 [N, ceil(K/epw)], q_scale float16 [N, G] (+ q_zero float16 [N, G]);
     dense -> weight `w_dtype` [N, K]. M = 1 (decode) takes a GEMV path (`_gemv_quant`, `_gemv_quant_window`, the
     M = 1 branch of `_cpu_dense`), M > 1 the blocked GEMM of `_gemm` (weight rows decoded once to float32).
+    Vectors and tiles are sized for `isa` (default: `isa.current_isa()`).
     """
-    vl = VECTOR_LANES
-    kfull = k // vl * vl  # vectorised part of the dot; the k % vl tail is scalar
+    return _cpu_matmul_nt(n, k, x_dtype, out_dtype, quant, w_dtype, isa or current_isa())
+
+
+@functools.cache  # one TVMScript parse per distinct shape, not per layer (compile time)
+def _cpu_matmul_nt(n, k, x_dtype, out_dtype, quant, w_dtype, isa: CpuIsa):
     if quant is None:
-        return _cpu_dense(n, k, kfull, vl, x_dtype, out_dtype, w_dtype)
+        return _cpu_dense(n, k, x_dtype, out_dtype, w_dtype, isa)
     epw, bits, gw = quant.epw, quant.bits, quant.group_width
     words = math.ceil(k / epw)
     groups = math.ceil(k / gw)
@@ -163,22 +178,22 @@ def cpu_matmul_nt(n: int, k: int, x_dtype: str, out_dtype: str, quant: QuantSpec
     # The plain GEMV path needs groups made of whole words (4-bit g32/g128, 3-bit g40, 2-bit g64 ...).
     # Other groups (3-bit g128) take the windowed variant, which reads a few words twice.
     if gw % epw == 0:
-        gemv = _gemv_quant(n, k, quant, x_dtype, out_dtype)
+        gemv = _gemv_quant(n, k, quant, x_dtype, out_dtype, isa)
     else:
-        gemv = _gemv_quant_window(n, k, quant, out_dtype)  # None when K is smaller than one window
+        gemv = _gemv_quant_window(n, k, quant, out_dtype, isa)  # None when K is smaller than one window
     fast = gemv is not None
 
     if gw % epw == 0:  # permuted layout: vector decode, l = e * words + w holds code e of word w
         wpg = gw // epw
         gfull, wlast = k // gw, words - (k // gw) * wpg
-        vw, vt = _pow2_lanes(wpg), _pow2_lanes(wlast) if wlast else 1
+        vw, vt = _pow2_lanes(wpg, isa.lanes), _pow2_lanes(wlast, isa.lanes) if wlast else 1
 
         def load_x(x, m, l):
             col = (l % words) * epw + l // words
             return T.if_then_else(col < k, T.Cast("float32", x[m, T.min(col, k - 1)]), T.float32(0))
 
-        def code(qw, nn, w, e):
-            return T.Cast("float32", T.shift_right(qw[nn, w], T.uint32(e * bits)) & T.uint32(mask))
+        def code(qw, nn, w, e):  # through int32: the value is < 2^31, and a signed conversion is one instruction
+            return T.Cast("float32", T.Cast("int32", T.shift_right(qw[nn, w], T.uint32(e * bits)) & T.uint32(mask)))
 
         @T.macro
         def decode_row(buf, r, nn, qw, s, zero):
@@ -203,11 +218,11 @@ def cpu_matmul_nt(n: int, k: int, x_dtype: str, out_dtype: str, quant: QuantSpec
         def decode_row(buf, r, nn, qw, s, zero):
             for w in range(words):
                 for e in T.unroll(epw):
-                    g = T.min((w * epw + e) // gw, groups - 1)
-                    buf[r, w * epw + e] = (T.Cast("float32", T.shift_right(qw[nn, w], T.uint32(e * bits))
-                                                  & T.uint32(mask)) - zero(nn, g)) * T.Cast("float32", s[nn, g])
+                    g: T.let = T.min((w * epw + e) // gw, groups - 1)
+                    buf[r, w * epw + e] = (T.Cast("float32", T.Cast("int32", T.shift_right(qw[nn, w], T.uint32(e * bits))
+                                                                   & T.uint32(mask))) - zero(nn, g)) * T.Cast("float32", s[nn, g])
 
-    gemm = _gemm(n, row, out_dtype, load_x, decode_row)
+    gemm = _gemm(n, row, out_dtype, load_x, decode_row, isa)
 
     if quant.fixed_zero is None:
 
@@ -241,7 +256,28 @@ def cpu_matmul_nt(n: int, k: int, x_dtype: str, out_dtype: str, quant: QuantSpec
     return qmm_sym
 
 
-def _gemv_quant(n: int, k: int, quant: QuantSpec, x_dtype: str, out_dtype: str):
+def _field_shift(e, bits: int):
+    """Right shift that puts code e of a word below bit 31 before it is masked: max(0, bits*(e+1) - 31) (1 for
+    the top code of 4- and 8-bit words, else 0)."""
+    return T.max(bits * e + bits - 31, 0)
+
+
+def _code_in_place(word, e, bits: int, mask: int):
+    """Code e of a packed uint32 word as float32, left where it lies: `code * 2^(bits*e - _field_shift(e))`, one
+    shift (top code only), one AND and one conversion. The masked field stays below 2^31, so it converts as a
+    signed int32, exactly and in one instruction (AVX2 has no unsigned conversion; LLVM emulates it in five)."""
+    sh = _field_shift(e, bits)
+    return T.Cast("float32", T.Cast("int32", T.shift_right(word, T.Cast("uint32", sh))
+                                    & T.shift_left(T.uint32(mask), T.Cast("uint32", bits * e - sh))))
+
+
+def _in_place_scale(e, bits: int):
+    """2^-(bits*e - _field_shift(e)) as float32 (exact, from the exponent bits): undoes `_code_in_place`'s
+    position factor when folded into x."""
+    return T.reinterpret("float32", T.shift_left(T.Cast("int32", 127 - bits * e + _field_shift(e, bits)), 23))
+
+
+def _gemv_quant(n: int, k: int, quant: QuantSpec, x_dtype: str, out_dtype: str, isa: CpuIsa):
     """TIR macro `(x[1, K], q_weight, q_scale, zero(n, g), y[1, N])` for M = 1; needs group_width % epw == 0.
 
     Per row n and group g (words `[g*wpg, (g+1)*wpg)`, wpg = group_width / epw):
@@ -249,11 +285,12 @@ def _gemv_quant(n: int, k: int, quant: QuantSpec, x_dtype: str, out_dtype: str):
         y[n] = sum_g scale[n, g] * (sum_{k in g} code[n, k] * x[k]  -  zero[n, g] * xsum[g])
 
     so the inner loop is mask / convert / FMA on raw codes, and scale / zero are applied once per group.
-    Once per call, x is converted to float32 and transposed to `xt[e, w] = x[w*epw + e] * 2^(-bits*e)` (0 past K):
+    Once per call, x is converted to float32 and transposed to `xt[e, w] = x[w*epw + e] * 2^-p(e)` (0 past K):
     lane j of a vector then holds word w0 + j of the row (one contiguous load of packed words) and its e-th code,
-    taken in place as `word & (mask << bits*e)` = code * 2^(bits*e) (no shift; exact in float32, <= bits
-    significant bits), multiplies a contiguous `xt[e, w0:w0+lanes]`: no gathers, no per-element fp16 conversion,
-    and the power-of-two factors cancel exactly. `xsum[g]` = float32 sum of x over group g. ROWS rows per step.
+    taken in place (`_code_in_place`: `word & (mask << bits*e)` = code * 2^p(e), p(e) = bits*e but one less for
+    a code that reaches bit 31; exact in float32, <= bits significant bits), multiplies a contiguous
+    `xt[e, w0:w0+lanes]`: no gathers, no per-element fp16 conversion, and the power-of-two factors cancel exactly.
+    `xsum[g]` = float32 sum of x over group g. ROWS rows per step, vectors of up to `isa.lanes` words.
     """
     epw, bits, gw, mask = quant.epw, quant.bits, quant.group_width, quant.mask
     words = math.ceil(k / epw)
@@ -261,8 +298,8 @@ def _gemv_quant(n: int, k: int, quant: QuantSpec, x_dtype: str, out_dtype: str):
     wpg = gw // epw
     gfull = k // gw  # groups with wpg words; a partial last group has the remaining `wlast` words
     wlast = words - gfull * wpg
-    vw = _pow2_lanes(wpg)
-    vt = _pow2_lanes(wlast) if wlast else 1
+    vw = _pow2_lanes(wpg, isa.lanes)
+    vt = _pow2_lanes(wlast, isa.lanes) if wlast else 1
     R = ROWS
     nblk = math.ceil(n / R)
     per_task = math.ceil(nblk / TASKS)
@@ -275,10 +312,9 @@ def _gemv_quant(n: int, k: int, quant: QuantSpec, x_dtype: str, out_dtype: str):
         xt = T.decl_buffer((epw, words), "float32")
         xs = T.decl_buffer((groups,), "float32")
         for e, w in T.grid(epw, words):
-            # 2^(-bits*e): pairs with the unshifted masked code below (exact power-of-two scaling)
+            # pairs with the in-place code below (exact power-of-two scaling)
             xt[e, w] = T.if_then_else(w * epw + e < k, T.Cast("float32", x[0, T.min(w * epw + e, k - 1)]),
-                                      T.float32(0)) * T.reinterpret("float32", T.shift_left(
-                                          T.Cast("int32", 127 - bits * e), 23))
+                                      T.float32(0)) * _in_place_scale(e, bits)
         for g in range(groups):
             xs[g] = T.float32(0)
             for kk in range(T.min(gw, k - g * gw)):
@@ -291,7 +327,7 @@ def _gemv_quant(n: int, k: int, quant: QuantSpec, x_dtype: str, out_dtype: str):
             tacc = T.decl_buffer((R, vt), "float32")
             zt = T.decl_buffer((R,), "float32")
             for nb0 in range(per_task):
-                nb = t * per_task + nb0
+                nb: T.let = t * per_task + nb0
                 if nb < nblk:
                     prefetch(qw, nb)
                     for r in T.unroll(R):
@@ -307,12 +343,11 @@ def _gemv_quant(n: int, k: int, quant: QuantSpec, x_dtype: str, out_dtype: str):
                             for e in T.unroll(epw):
                                 for r in T.unroll(R):
                                     for j in T.vectorized(vw):
-                                        gacc[r, j] = gacc[r, j] + T.Cast(
-                                            "float32", qw[T.min(nb * R + r, n - 1), g * wpg + wb * vw + j]
-                                            & T.shift_left(T.uint32(mask), T.uint32(e * bits))
+                                        gacc[r, j] = gacc[r, j] + _code_in_place(
+                                            qw[T.min(nb * R + r, n - 1), g * wpg + wb * vw + j], e, bits, mask
                                         ) * xt[e, g * wpg + wb * vw + j]
                         for r in T.unroll(R):
-                            sc = T.Cast("float32", s[T.min(nb * R + r, n - 1), g])
+                            sc: T.let = T.Cast("float32", s[T.min(nb * R + r, n - 1), g])
                             zt[r] = zt[r] + sc * zero(T.min(nb * R + r, n - 1), g) * xs[g]
                             for j in T.vectorized(vw):
                                 acc[r, j] = acc[r, j] + sc * gacc[r, j]
@@ -323,16 +358,15 @@ def _gemv_quant(n: int, k: int, quant: QuantSpec, x_dtype: str, out_dtype: str):
                         for e in T.unroll(epw):
                             for r in T.unroll(R):
                                 for j in T.vectorized(vt):
-                                    tacc[r, j] = tacc[r, j] + T.Cast(
-                                        "float32", qw[T.min(nb * R + r, n - 1), gfull * wpg + wb * vt + j]
-                                        & T.shift_left(T.uint32(mask), T.uint32(e * bits))
+                                    tacc[r, j] = tacc[r, j] + _code_in_place(
+                                        qw[T.min(nb * R + r, n - 1), gfull * wpg + wb * vt + j], e, bits, mask
                                     ) * xt[e, gfull * wpg + wb * vt + j]
                     for r in T.unroll(R):
                         if nb * R + r < n:
                             hs_w(acc, r)
                             hs_t(tacc, r)
                             if wlast > 0:
-                                sc = T.Cast("float32", s[nb * R + r, groups - 1])
+                                sc: T.let = T.Cast("float32", s[nb * R + r, groups - 1])
                                 zt[r] = zt[r] + sc * zero(nb * R + r, groups - 1) * xs[groups - 1]
                                 acc[r, 0] = acc[r, 0] + sc * tacc[r, 0]
                             y[0, nb * R + r] = T.Cast(out_dtype, acc[r, 0] - zt[r])
@@ -340,12 +374,12 @@ def _gemv_quant(n: int, k: int, quant: QuantSpec, x_dtype: str, out_dtype: str):
     return gemv
 
 
-def _gemv_quant_window(n: int, k: int, quant: QuantSpec, out_dtype: str):
+def _gemv_quant_window(n: int, k: int, quant: QuantSpec, out_dtype: str, isa: CpuIsa):
     """`_gemv_quant` for groups that start mid-word (3-bit g128: 12.8 words per group); None if K is too small.
 
     Same formula. Group g reads a fixed window of `win` words from `w0(g) = min(g*gw // epw, words - win)` (a
     contiguous vector load, as in `_gemv_quant`), and its x table `xt[g, e, j]` holds
-    `x[(w0(g)+j)*epw + e] * 2^(-bits*e)` only where that column belongs to group g, 0 elsewhere: codes of the
+    `x[(w0(g)+j)*epw + e] * 2^-p(e)` only where that column belongs to group g, 0 elsewhere: codes of the
     neighbouring groups in the shared boundary words are multiplied by 0. Costs win / (gw/epw) of the aligned
     kernel's work (16 / 12.8 for 3-bit g128).
     """
@@ -353,7 +387,7 @@ def _gemv_quant_window(n: int, k: int, quant: QuantSpec, out_dtype: str):
     words = math.ceil(k / epw)
     groups = math.ceil(k / gw)
     span = max(math.ceil(min((g + 1) * gw, k) / epw) - g * gw // epw for g in range(groups))
-    vw = min(VECTOR_LANES, 1 << (span - 1).bit_length())
+    vw = min(isa.lanes, 1 << (span - 1).bit_length())
     nch = math.ceil(span / vw)
     win = nch * vw
     if words < win:
@@ -374,7 +408,7 @@ def _gemv_quant_window(n: int, k: int, quant: QuantSpec, out_dtype: str):
                 T.min(g * gw // epw, words - win) * epw + j * epw + e >= g * gw
                 and T.min(g * gw // epw, words - win) * epw + j * epw + e < T.min(g * gw + gw, k),
                 T.Cast("float32", x[0, T.min(T.min(g * gw // epw, words - win) * epw + j * epw + e, k - 1)]),
-                T.float32(0)) * T.reinterpret("float32", T.shift_left(T.Cast("int32", 127 - bits * e), 23))
+                T.float32(0)) * _in_place_scale(e, bits)
         for g in range(groups):
             xs[g] = T.float32(0)
             for kk in range(T.min(gw, k - g * gw)):
@@ -384,7 +418,7 @@ def _gemv_quant_window(n: int, k: int, quant: QuantSpec, out_dtype: str):
             gacc = T.decl_buffer((R, vw), "float32")
             zt = T.decl_buffer((R,), "float32")
             for nb0 in range(per_task):
-                nb = t * per_task + nb0
+                nb: T.let = t * per_task + nb0
                 if nb < nblk:
                     prefetch(qw, nb)
                     for r in T.unroll(R):
@@ -399,13 +433,11 @@ def _gemv_quant_window(n: int, k: int, quant: QuantSpec, out_dtype: str):
                             for e in T.unroll(epw):
                                 for r in T.unroll(R):
                                     for j in T.vectorized(vw):
-                                        gacc[r, j] = gacc[r, j] + T.Cast(
-                                            "float32", qw[T.min(nb * R + r, n - 1),
-                                                          T.min(g * gw // epw, words - win) + c * vw + j]
-                                            & T.shift_left(T.uint32(mask), T.uint32(e * bits))
-                                        ) * xt[g, e, c * vw + j]
+                                        gacc[r, j] = gacc[r, j] + _code_in_place(
+                                            qw[T.min(nb * R + r, n - 1), T.min(g * gw // epw, words - win) + c * vw + j],
+                                            e, bits, mask) * xt[g, e, c * vw + j]
                         for r in T.unroll(R):
-                            sc = T.Cast("float32", s[T.min(nb * R + r, n - 1), g])
+                            sc: T.let = T.Cast("float32", s[T.min(nb * R + r, n - 1), g])
                             zt[r] = zt[r] + sc * zero(T.min(nb * R + r, n - 1), g) * xs[g]
                             for j in T.vectorized(vw):
                                 acc[r, j] = acc[r, j] + sc * gacc[r, j]
@@ -435,7 +467,7 @@ def exp2_poly(x):
     return p * tirx.reinterpret("float32", bits)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hsum(lanes: int):
     """TIR macro `(buf, r)`: buf[r, 0] = sum(buf[r, :lanes]) by halving vector adds (a shuffle tree, not a serial
     scalar chain). Built recursively in Python so every loop extent is a constant."""
@@ -458,9 +490,11 @@ def _hsum(lanes: int):
     return step
 
 
-def _cpu_dense(n, k, kfull, vl, x_dtype, out_dtype, w_dtype):
-    """Dense `W` [N, K]. M = 1: x converted to float32 once, ROWS rows per task sharing each x vector, 16-lane
-    float32 FMAs with one weight conversion per element; M > 1: `_gemm` on rows converted to float32."""
+def _cpu_dense(n, k, x_dtype, out_dtype, w_dtype, isa: CpuIsa):
+    """Dense `W` [N, K]. M = 1: x converted to float32 once, ROWS rows per task sharing each x vector, float32 FMAs
+    of `isa.lanes` lanes with one weight conversion per element; M > 1: `_gemm` on rows converted to float32."""
+    vl = isa.lanes
+    kfull = k // vl * vl  # vectorised part of the dot; the k % vl tail is scalar
     R = ROWS
     nblk = math.ceil(n / R)
     per_task = math.ceil(nblk / TASKS)
@@ -478,7 +512,7 @@ def _cpu_dense(n, k, kfull, vl, x_dtype, out_dtype, w_dtype):
         for lt in range(k - k // vl * vl):
             buf[r, k // vl * vl + lt] = T.Cast("float32", wt[nn, k // vl * vl + lt])
 
-    gemm = _gemm(n, k, out_dtype, load_x, decode_row)
+    gemm = _gemm(n, k, out_dtype, load_x, decode_row, isa)
     prefetch = _prefetch_rows(n, k, 4 if w_dtype == "float32" else 2)
 
     @T.prim_func(private=True)
@@ -494,7 +528,7 @@ def _cpu_dense(n, k, kfull, vl, x_dtype, out_dtype, w_dtype):
             for t in T.parallel(ntask):
                 acc = T.decl_buffer((R, vl), "float32")  # per task: see _gemv_quant
                 for nb0 in range(per_task):
-                    nb = t * per_task + nb0
+                    nb: T.let = t * per_task + nb0
                     if nb < nblk:
                         prefetch(wt, nb)
                         for r in T.unroll(R):

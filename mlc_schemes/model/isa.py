@@ -1,0 +1,76 @@
+"""The CPU vector unit a library is built for, as the kernels see it: float32 lanes per register, register count.
+
+| ISA | when the llvm target has | lanes | registers |
+|---|---|---|---|
+| `avx512` | avx512f (Zen 4, Skylake-SP and later) | 16 | 32 (zmm) |
+| `avx2` | avx2 + fma (Haswell, Zen 1-3) | 8 | 16 (ymm) |
+| `neon` | aarch64 | 4 | 32 |
+| `sse` | anything else | 4 | 16 |
+
+The kernels (`kernels.py`, `attention_cpu.py`) size their vectors and register tiles from it, so that a tile's
+accumulators and operands fit the register file (a 16-lane tile on AVX2 is two registers per vector and spills);
+LLVM then emits the instructions of the target's `mcpu`. `compile.build_module` sets the ISA of its target with
+`use_isa` for the export; kernel factories called outside it (tests, bench/gemv.py) get the host's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CpuIsa:
+    name: str
+    lanes: int  # float32 lanes per vector register
+    registers: int  # architectural vector registers
+
+
+AVX512 = CpuIsa("avx512", 16, 32)
+AVX2 = CpuIsa("avx2", 8, 16)
+NEON = CpuIsa("neon", 4, 32)
+SSE = CpuIsa("sse", 4, 16)
+BY_NAME = {i.name: i for i in (AVX512, AVX2, NEON, SSE)}
+
+
+def isa_of_target(target) -> CpuIsa:
+    """The ISA of an llvm `tvm.target.Target` (its mtriple and mcpu features)."""
+    from tvm.target import codegen
+
+    triple = str(target.attrs.get("mtriple", "") or codegen.llvm_get_system_triple())
+    if triple.startswith(("aarch64", "arm64")):
+        return NEON
+    if not triple.startswith(("x86_64", "i686", "i386")):
+        return SSE
+    if codegen.llvm_cpu_has_features(["avx512f"], target):
+        return AVX512
+    if codegen.llvm_cpu_has_features(["avx2", "fma"], target):
+        return AVX2
+    return SSE
+
+
+@functools.cache
+def host_isa() -> CpuIsa:
+    import tvm
+
+    return isa_of_target(tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()}))
+
+
+_CURRENT: contextvars.ContextVar[CpuIsa | None] = contextvars.ContextVar("cpu_isa", default=None)
+
+
+def current_isa() -> CpuIsa:
+    """The ISA set by the innermost `use_isa`, else the host's."""
+    return _CURRENT.get() or host_isa()
+
+
+@contextlib.contextmanager
+def use_isa(isa: CpuIsa):
+    """Kernel factories called inside the block build their schedules for `isa`."""
+    token = _CURRENT.set(isa)
+    try:
+        yield isa
+    finally:
+        _CURRENT.reset(token)
