@@ -43,8 +43,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         if not args.lib:
             raise UserError("--engine tvm needs --lib (a library from `omniquant compile`)")
-        from mlc_schemes.engine import tvm_perplexity
+        from mlc_schemes.engine import (
+            import_tvm_runtime,
+            read_library_meta,
+            tvm_perplexity,
+        )
 
+        if read_library_meta(args.lib)["target"] == "llvm":
+            import_tvm_runtime()  # a CPU library needs only TVM's runtime
         ppl = tvm_perplexity(model_dir, args.lib, tokens, args.seqlen, args.max_windows)
     n_windows = min(tokens.numel() // args.seqlen, args.max_windows or 10**9)
     result = {"model": str(model_dir), "engine": args.engine, "data": args.data, "seqlen": args.seqlen,

@@ -18,8 +18,8 @@ import pytest
 tvm = pytest.importorskip("tvm")
 torch = pytest.importorskip("torch")
 
-from omniquant.errors import UserError  # noqa: E402
-from omniquant.paths import austen_dir  # noqa: E402
+from omniquant.errors import UserError
+from omniquant.paths import austen_dir
 
 CALIB = austen_dir() / "sensesensibility.txt"
 EVAL = austen_dir() / "prideprejudice.txt"
@@ -200,7 +200,8 @@ def test_missing_weights_and_long_prompt(llama_w3, tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "omniquant", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "omniquant", *args], check=False, capture_output=True, text=True,
+                          timeout=600)
 
 
 def test_cli_evaluate_writes_json(llama_w3, tmp_path):
@@ -215,7 +216,7 @@ def test_cli_evaluate_writes_json(llama_w3, tmp_path):
     assert set(split) == {"runtime", "weights", "kv_cache", "activations"}
     packed = sum(f.stat().st_size for f in (llama_w3 / "packed").glob("params_shard_*.bin")) / 2**20
     assert packed <= split["weights"] <= 2 * packed
-    assert split["kv_cache"] > 0 and split["runtime"] > 0
+    assert split["runtime"] > 0 and 0 <= split["kv_cache"] < res["kv_cache_reserved_mib"]  # 47 of 1,024+ tokens
     assert abs(sum(split.values()) - res["peak_rss_mib"]) <= 0.5
 
 
