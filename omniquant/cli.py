@@ -29,11 +29,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """Top-level parser; only `command`'s module is imported (so a broken optional stage cannot break the others)."""
     parser = argparse.ArgumentParser(
         prog="omniquant",
+        allow_abbrev=False,  # no prefix matching: `--lwc` must never be read as `--lwc-lr`
         description="OmniQuant quantization and MLC-style deployment: calibrate -> pack -> compile -> chat/bench.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         if name == command:
             mod = importlib.import_module(module)
             mod.add_arguments(p)

@@ -8,10 +8,11 @@ import time
 from pathlib import Path
 
 from omniquant.errors import UserError
+from omniquant.hub import add_model_arguments, resolve_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="HF or fake-quant checkpoint dir (torch), or packed weights dir (tvm)")
+    add_model_arguments(p, "HF or fake-quant checkpoint dir (torch), or packed weights dir (tvm)")
     p.add_argument("--data", default="wikitext2", help="text file, folder, comma list, or wikitext2/c4/ptb")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
@@ -27,9 +28,12 @@ def run(args: argparse.Namespace) -> int:
     from omniquant.data import load_tokens
     from omniquant.ppl import perplexity
 
-    model_dir = Path(args.model)
-    if not model_dir.is_dir():
-        raise UserError(f"model path {model_dir} does not exist")
+    if args.engine == "torch":
+        model_dir = resolve_model(args.model, args.revision)
+    else:
+        model_dir = Path(args.model)
+        if not model_dir.is_dir():
+            raise UserError(f"--engine tvm: packed weights dir {model_dir} does not exist (make one: omniquant pack)")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokens = load_tokens(tokenizer, args.data, split="eval")
     if tokens.numel() < args.seqlen:
