@@ -2,7 +2,7 @@
 
 import pytest
 
-import omniquant.calibrate as calibrate
+from omniquant import calibrate
 from omniquant.cli import COMMANDS, build_parser, main
 from omniquant.config import CalibConfig
 
