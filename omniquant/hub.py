@@ -245,8 +245,8 @@ def resolve_model(model: str | Path, revision: str | None = None) -> Path:
                     f"Presets: {', '.join(names)}")
 
 
-def add_model_arguments(p, help: str) -> None:
+def add_model_arguments(p, what: str) -> None:
     """`--model` (dir, preset or hub id) and `--revision` on an argparse parser."""
-    p.add_argument("--model", required=True, help=help + "; or a preset (llama2-7b, llama3.1-8b, mistral-7b, "
+    p.add_argument("--model", required=True, help=what + "; or a preset (llama2-7b, llama3.1-8b, mistral-7b, "
                    "qwen2.5-7b, ... see README), or a Hugging Face hub id org/name (local cache first, HF_HUB_OFFLINE honoured)")
     p.add_argument("--revision", default=None, help="hub branch, tag or commit of a hub --model (default: main)")
