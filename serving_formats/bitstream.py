@@ -11,20 +11,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+ROWS_PER_CHUNK = 1024  # bounds the uint64 work arrays to ~8 bytes x 1024 x L at a time
 
-def pack_stream(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """Unsigned integers `values` (each in `[0, 2^bits - 1]`), 2-D, packed along `dim` -> int32 words.
 
-    dim 1: [R, L] -> [R, ceil(L*b/32)]; dim 0: [L, C] -> [ceil(L*b/32), C]. The int32 holds the word's bit pattern.
-    """
-    if not 1 <= bits <= 8:
-        raise ValueError(f"bits must be in [1, 8], got {bits}")
-    v = values.to(torch.int64)
-    if v.numel() and (v.min() < 0 or v.max() >= 2 ** bits):
-        raise ValueError(f"values out of [0, {2 ** bits - 1}] for {bits}-bit packing")
-    a = v.numpy().astype(np.uint64)
-    if dim == 0:
-        a = a.T
+def _pack_rows(a: np.ndarray, bits: int) -> np.ndarray:
+    """uint64 [R, L] -> uint32 [R, ceil(L*bits/32)], each row one stream."""
     rows, length = a.shape
     blocks = -(-length // 32)
     padded = np.zeros((rows, blocks * 32), dtype=np.uint64)
@@ -38,6 +29,23 @@ def pack_stream(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
         if offset + bits > 32:  # the high part spills into the next word
             words[:, :, word + 1] |= padded[:, :, i] >> np.uint64(32 - offset)
     words &= np.uint64(0xFFFFFFFF)
-    out = words.reshape(rows, blocks * bits)[:, : -(-length * bits // 32)].astype(np.uint32).view(np.int32)
-    out = torch.from_numpy(np.ascontiguousarray(out.T if dim == 0 else out))
-    return out
+    return words.reshape(rows, blocks * bits)[:, : -(-length * bits // 32)].astype(np.uint32)
+
+
+def pack_stream(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Unsigned integers `values` (each in `[0, 2^bits - 1]`), 2-D, packed along `dim` -> int32 words.
+
+    dim 1: [R, L] -> [R, ceil(L*b/32)]; dim 0: [L, C] -> [ceil(L*b/32), C]. The int32 holds the word's bit pattern.
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in [1, 8], got {bits}")
+    if values.numel() and (values.min() < 0 or values.max() >= 2 ** bits):
+        raise ValueError(f"values out of [0, {2 ** bits - 1}] for {bits}-bit packing")
+    a = values.numpy()
+    if dim == 0:
+        a = a.T
+    out = np.empty((a.shape[0], -(-a.shape[1] * bits // 32)), dtype=np.uint32)
+    for r in range(0, a.shape[0], ROWS_PER_CHUNK):
+        out[r:r + ROWS_PER_CHUNK] = _pack_rows(a[r:r + ROWS_PER_CHUNK].astype(np.uint64), bits)
+    out = out.view(np.int32)
+    return torch.from_numpy(np.ascontiguousarray(out.T if dim == 0 else out))

@@ -9,7 +9,6 @@ code `q - 2^(b-1)` that compressed-tensors and GPTQ use for symmetric weights: s
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterator
@@ -18,10 +17,11 @@ from pathlib import Path
 
 import torch
 
+# The packer's sidecar names and JSON reader (clear UserError), shared rather than copied.
+from mlc_schemes.pack import QUANT_CONFIG, QUANT_PARAMS
+from mlc_schemes.pack import _read_json as read_json
 from omniquant.errors import UserError
 
-QUANT_CONFIG = "quant_config.json"
-QUANT_PARAMS = "quant_params.safetensors"
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
@@ -38,19 +38,10 @@ class QuantizedLinear:
     dtype: torch.dtype
 
 
-def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise UserError(f"{what} missing: {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
-
-
 def _shard_files(directory: Path) -> list[str]:
     """Safetensors files of a `save_pretrained` dir: through the index when there is one."""
     if (directory / INDEX).is_file():
-        weight_map = _read_json(directory / INDEX, "weight index").get("weight_map") or {}
+        weight_map = read_json(directory / INDEX, "weight index").get("weight_map") or {}
         files = sorted(set(weight_map.values()))
         if missing := [f for f in files if not (directory / f).is_file()]:
             raise UserError(f"{directory / INDEX} names a shard that is missing: {missing[0]}")
@@ -84,11 +75,11 @@ class FakeQuantCheckpoint:
         self.dir = Path(directory)
         if not self.dir.is_dir():
             raise UserError(f"input {self.dir} is not a directory")
-        self.hf_config = _read_json(self.dir / "config.json", "HF config")
+        self.hf_config = read_json(self.dir / "config.json", "HF config")
         if not (self.dir / QUANT_CONFIG).is_file() or not (self.dir / QUANT_PARAMS).is_file():
             raise UserError(f"{self.dir} has no quantization sidecar ({QUANT_CONFIG} + {QUANT_PARAMS}): export "
                             "needs the integer grid written by `omniquant calibrate`, not a plain or foreign checkpoint")
-        self.qconfig = _read_json(self.dir / QUANT_CONFIG, "quantization sidecar")
+        self.qconfig = read_json(self.dir / QUANT_CONFIG, "quantization sidecar")
         try:
             self.bits = int(self.qconfig["wbits"])
             self.group_size = int(self.qconfig["group_size"])
@@ -111,7 +102,7 @@ class FakeQuantCheckpoint:
         self.shapes: dict[str, list[int]] = {}
         for f in self.files:
             with safe_open(self.dir / f, framework="pt") as h:
-                for name in h.keys():
+                for name in list(h.keys()):
                     self.shapes[name] = list(h.get_slice(name).get_shape())
         self.linears: dict[str, list[int]] = {}
         for n in names:
@@ -155,7 +146,7 @@ class FakeQuantCheckpoint:
 
         for f in self.files:
             with safe_open(self.dir / f, framework="pt") as h:
-                for name in h.keys():
+                for name in list(h.keys()):
                     yield name, h.get_tensor(name)
 
     def grid(self, name: str, weight: torch.Tensor) -> QuantizedLinear:

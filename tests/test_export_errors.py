@@ -24,7 +24,7 @@ CALIB = str(austen_dir() / CALIB_BOOKS[0])
 def _calibrate(src: Path, out: Path, **kw) -> Path:
     from omniquant.calibrate import calibrate_checkpoint
 
-    settings = dict(nsamples=4, seqlen=64, calib_data=CALIB, epochs=0, lwc=False) | kw
+    settings = {"nsamples": 4, "seqlen": 64, "calib_data": CALIB, "epochs": 0, "lwc": False} | kw
     return calibrate_checkpoint(src, out, **settings)
 
 

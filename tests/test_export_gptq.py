@@ -23,7 +23,7 @@ BITS = (2, 3, 4, 8)
 def _calibrate(src: Path, out: Path, **kw) -> Path:
     from omniquant.calibrate import calibrate_checkpoint
 
-    settings = dict(nsamples=4, seqlen=64, calib_data=CALIB, epochs=0, lwc=False, group_size=GROUP) | kw
+    settings = {"nsamples": 4, "seqlen": 64, "calib_data": CALIB, "epochs": 0, "lwc": False, "group_size": GROUP} | kw
     return calibrate_checkpoint(src, out, **settings)
 
 
