@@ -133,8 +133,8 @@ class FakeQuantCheckpoint:
             patterns.setdefault(f"{layer_pattern(n)} (in_features {k})", []).append(k)
         listed = "; ".join(f"{p} x{len(v)}" if len(v) > 1 else p for p, v in patterns.items())
         ok = working_group_sizes([k for _, k in self.linears.values()], self.group_size)
-        hint = (f"recalibrate with --group-size {ok[0]}" + "".join(f" (or {s})" for s in ok[1:3]) if ok
-                else "recalibrate with a group size that divides every in_features")
+        hint = (f"Recalibrate with --group-size {ok[0]}" + "".join(f" (or {s})" for s in ok[1:3]) if ok
+                else "Recalibrate with a group size that divides every in_features")
         raise UserError(
             f"{fmt} cannot store a partial last group: {len(bad)} of {len(self.linears)} quantized linears have "
             f"in_features that are not a multiple of group size {self.group_size}: {listed}. {hint}, "
