@@ -17,7 +17,11 @@ def pack_dense_fp16(hf_dir: str | Path, output_dir: str | Path) -> Path:
     import numpy as np
     from safetensors.numpy import load_file
 
-    from mlc_schemes.chat_config import TOKENIZER_FILES, copy_tokenizer, model_config_from_hf
+    from mlc_schemes.chat_config import (
+        TOKENIZER_FILES,
+        copy_tokenizer,
+        model_config_from_hf,
+    )
     from mlc_schemes.weights_dir import write_tensor_cache
     from omniquant.atomic import atomic_dir
 

@@ -9,7 +9,6 @@ others get plain text windows (the paper convention: no special tokens). Calibra
 
 from __future__ import annotations
 
-
 import math
 
 import torch

@@ -92,7 +92,7 @@ def test_gemma_perplexity_puts_bos_first(tiny_gemma3_text_dir):
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
-def test_calibrate_lwc_let_and_kv(arch, request, calib_text, tmp_path):
+def test_calibrate_lwc_let_and_kv(arch, request, calib_text, tmp_path, monkeypatch):
     """OmniQuant LWC + LET (every site, including the q/k head-norm one) + KV quantization runs and exports an
     exact fake-quant checkpoint; Gemma's calibration windows start with BOS."""
     from omniquant import data
@@ -105,7 +105,7 @@ def test_calibrate_lwc_let_and_kv(arch, request, calib_text, tmp_path):
         seen.append(out := orig(*a, **kw))
         return out
 
-    request.getfixturevalue("monkeypatch").setattr("omniquant.calibrate.sample_windows", spy)
+    monkeypatch.setattr("omniquant.calibrate.sample_windows", spy)
     out = calibrate_checkpoint(request.getfixturevalue(ARCHS[arch]), tmp_path / "fq", wbits=4, abits=8, kv_bits=8,
                                let=True, group_size=64, nsamples=2, seqlen=32, epochs=1, calib_data=calib_text)
     qc = json.loads((out / "quant_config.json").read_text())

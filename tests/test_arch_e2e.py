@@ -18,9 +18,12 @@ import pytest
 tvm = pytest.importorskip("tvm")
 torch = pytest.importorskip("torch")
 
-from test_tvm_e2e import _greedy_torch, _torch_model  # noqa: E402  (same references as the Llama chain)
+from test_tvm_e2e import (  # the same references as the Llama chain
+    _greedy_torch,
+    _torch_model,
+)
 
-from omniquant.paths import austen_dir  # noqa: E402
+from omniquant.paths import austen_dir
 
 CALIB = austen_dir() / "sensesensibility.txt"
 EVAL = austen_dir() / "prideprejudice.txt"
@@ -72,6 +75,11 @@ def test_greedy_tokens_and_logits_equal_transformers(chain, request):
     seq = ids + tokens
     with torch.no_grad():
         ref = model(torch.tensor([seq])).logits[0].numpy()
+        # the window matters here: without it (HF with a window longer than the sequence) logits differ
+        window, model.config.sliding_window = model.config.sliding_window, 10**6
+        wide = model(torch.tensor([seq])).logits[0].numpy()
+        model.config.sliding_window = window
+    assert np.abs(wide[16:] - ref[16:]).max() > 1e-2 * np.abs(ref).max()
     eng.reset()
     np.testing.assert_allclose(eng.prefill(seq, all_logits=True), ref, rtol=0, atol=1e-4 * np.abs(ref).max())
     eng.reset()
@@ -128,7 +136,7 @@ def test_cli_chat_prompt(gemma3_chain):
     root = gemma3_chain
     r = subprocess.run([sys.executable, "-m", "omniquant", "chat", "--model", str(root / "packed"), "--lib",
                         str(root / "lib32.so"), "--prompt", "Hello", "--max-new-tokens", "4"],
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
 
 

@@ -83,23 +83,23 @@ class DecoderConfig:
             window, sliding = 0, [False] * mc["num_hidden_layers"]
         else:
             chunk = min(chunk, window)  # TVM's ragged prefill has no window (module docstring)
-        return dict(
-            model_type=mc.get("model_type", chat.get("model_type")),
-            hidden_size=mc["hidden_size"],
-            intermediate_size=mc["intermediate_size"],
-            num_hidden_layers=mc["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=mc.get("num_key_value_heads") or heads,
-            head_dim=mc.get("head_dim") or mc["hidden_size"] // heads,
-            vocab_size=mc["vocab_size"],
-            rms_norm_eps=float(mc.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(mc.get("tie_word_embeddings", False)),
-            context_window_size=context,
-            prefill_chunk_size=chunk,
-            sliding_window=int(window),
-            sliding_layers=tuple(bool(s) for s in sliding),
-            local_layers=local,
-        )
+        return {
+            "model_type": mc.get("model_type", chat.get("model_type")),
+            "hidden_size": mc["hidden_size"],
+            "intermediate_size": mc["intermediate_size"],
+            "num_hidden_layers": mc["num_hidden_layers"],
+            "num_attention_heads": heads,
+            "num_key_value_heads": mc.get("num_key_value_heads") or heads,
+            "head_dim": mc.get("head_dim") or mc["hidden_size"] // heads,
+            "vocab_size": mc["vocab_size"],
+            "rms_norm_eps": float(mc.get("rms_norm_eps", 1e-6)),
+            "tie_word_embeddings": bool(mc.get("tie_word_embeddings", False)),
+            "context_window_size": context,
+            "prefill_chunk_size": chunk,
+            "sliding_window": int(window),
+            "sliding_layers": tuple(bool(s) for s in sliding),
+            "local_layers": local,
+        }
 
 
 def sliding_from_layer_types(mc: dict) -> list[bool] | None:

@@ -20,7 +20,7 @@ and projector dropped.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tvm import tirx
 from tvm.relax.frontend import nn
@@ -28,8 +28,16 @@ from tvm.relax.frontend.nn import op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode
 
 from mlc_schemes.model import llama
-from mlc_schemes.model.base import (DecoderConfig, DecoderForCausalLM, HeadRope, ParamBuilder, RMSNorm,
-                                    attention_scale, qk_head_norm, sliding_from_layer_types)
+from mlc_schemes.model.base import (
+    DecoderConfig,
+    DecoderForCausalLM,
+    HeadRope,
+    ParamBuilder,
+    RMSNorm,
+    attention_scale,
+    qk_head_norm,
+    sliding_from_layer_types,
+)
 
 MODEL_TYPES = ("gemma3_text", "gemma3")
 GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")
@@ -51,8 +59,8 @@ def _head_rope(params: dict | None, theta_default: float, where: str) -> HeadRop
 @dataclass
 class Gemma3Config(llama.LlamaConfig):
     query_pre_attn_scalar: float = 256.0
-    rope_local: HeadRope = HeadRope(10000.0)
-    rope_global: HeadRope = HeadRope(1_000_000.0)
+    rope_local: HeadRope = field(default_factory=lambda: HeadRope(10000.0))
+    rope_global: HeadRope = field(default_factory=lambda: HeadRope(1_000_000.0))
 
     @classmethod
     def from_chat_config(cls, chat: dict) -> Gemma3Config:

@@ -23,8 +23,15 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 
-from mlc_schemes.model.base import (DecoderConfig, DecoderForCausalLM, ParamBuilder, RMSNorm, attention_scale,
-                                    rope_settings, sliding_from_layer_types)
+from mlc_schemes.model.base import (
+    DecoderConfig,
+    DecoderForCausalLM,
+    ParamBuilder,
+    RMSNorm,
+    attention_scale,
+    rope_settings,
+    sliding_from_layer_types,
+)
 from mlc_schemes.model.kernels import LOG2E, exp2_poly
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
