@@ -17,6 +17,7 @@ from omniquant.errors import UserError
 from omniquant.export import save_fakequant
 from omniquant.hub import resolve_model
 from omniquant.models import get_adapter
+from omniquant.ppl import config_window_bos
 from omniquant.quant.spec import SUPPORTED_WBITS
 
 
@@ -74,7 +75,7 @@ def quantize_in_memory(model_path, cfg: CalibConfig, state_dir: Path, resume: bo
     windows = None  # RTN / LWC at its init quantizes the weights directly: no calibration text is read
     if not learns_nothing(cfg):
         windows = sample_windows(load_tokens(tokenizer, cfg.calib_data, split="calib"), cfg.nsamples, cfg.seqlen,
-                                 cfg.seed)
+                                 cfg.seed, bos=config_window_bos(hf_config))
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     model.eval()
     model.config.use_cache = False

@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from omniquant.data import load_tokens
-    from omniquant.ppl import perplexity
+    from omniquant.ppl import config_window_bos, perplexity, window_bos, windows
 
     if args.engine == "torch":
         model_dir = resolve_model(args.model, args.revision)
@@ -43,18 +43,22 @@ def run(args: argparse.Namespace) -> int:
         from omniquant.load import load_quantized
 
         model = load_quantized(model_dir)
+        bos = config_window_bos(model.config)
         ppl = perplexity(model, tokens, args.seqlen, args.max_windows)
     else:
         if not args.lib:
             raise UserError("--engine tvm needs --lib (a library from `omniquant compile`)")
         from mlc_schemes.engine import tvm_perplexity
 
+        chat = json.loads((model_dir / "mlc-chat-config.json").read_text())
+        bos = window_bos(chat["model_config"].get("model_type"), chat.get("bos_token_id"))
         ppl = tvm_perplexity(model_dir, args.lib, tokens, args.seqlen, args.max_windows)
-    n_windows = min(tokens.numel() // args.seqlen, args.max_windows or 10**9)
+    n_windows = windows(tokens, args.seqlen, args.max_windows, bos).shape[0]
     result = {"model": str(model_dir), "engine": args.engine, "data": args.data, "seqlen": args.seqlen,
-              "windows": n_windows, "ppl": ppl, "seconds": round(time.time() - t0, 2),
+              "windows": n_windows, "bos_first": bos is not None, "ppl": ppl, "seconds": round(time.time() - t0, 2),
               "torch_threads": torch.get_num_threads()}
-    print(f"perplexity {ppl:.4f}  ({n_windows} windows x {args.seqlen} tokens, engine {args.engine})")
+    print(f"perplexity {ppl:.4f}  ({n_windows} windows x {args.seqlen} tokens{', BOS first' if bos is not None else ''}"
+          f", engine {args.engine})")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
