@@ -9,9 +9,9 @@ import pytest
 
 tvm = pytest.importorskip("tvm")
 
-from mlc_schemes.compile import make_target  # noqa: E402
-from mlc_schemes.model.kernels import QuantSpec, cpu_matmul_nt  # noqa: E402
-from mlc_schemes.packing import pack_codes  # noqa: E402
+from mlc_schemes.compile import make_target
+from mlc_schemes.model.kernels import QuantSpec, cpu_matmul_nt
+from mlc_schemes.packing import pack_codes
 
 
 def _run(func, args, m, n, out_dtype):

@@ -11,11 +11,13 @@ cache is built (`patched_cpu_attention`):
 
 with visible(row) = kv_len - qo_len + row + 1 when causal, kv_len otherwise (TVM's `_causal_mask`). Query heads (x
 query rows for prefill) run in parallel; dot products and the value update are float32 vector loops as wide as the
-target's registers (`mlc_schemes.model.isa`: 16 lanes on AVX-512, 8 on AVX2), and 2^x is a polynomial (`exp2_poly`) that vectorises. RoPE must already be applied (`RopeMode.NORMAL`, so the kernels
-see `rotary_mode` 0); sliding-window variants stay TVM's. `rope_cpu` replaces the RoPE / q-k-v split kernel
-(TVM's evaluates cos and sin once per head).
+target's registers (`mlc_schemes.model.isa`: 16 lanes on AVX-512, 8 on AVX2), and 2^x is a polynomial
+(`exp2_poly`) that vectorises. RoPE must already be applied (`RopeMode.NORMAL`, so the kernels see `rotary_mode` 0);
+sliding-window variants are `attention_sliding_cpu`'s. `rope_cpu` replaces the RoPE / q-k-v split kernel (TVM's
+evaluates cos and sin once per head).
 """
 
+# ruff: noqa: B023  (TVMScript evaluates the key / value lambdas where the macro is expanded, inside the loop)
 from __future__ import annotations
 
 import contextlib
