@@ -6,6 +6,7 @@ two x86 instruction sets side by side.
     python -m bench.decode --isa avx2      # + the AVX2 pair: ours with mcpu x86-64-v3 vs llama.cpp built for
                                            #   AVX2/FMA/F16C/BMI2 with AVX-512 off (GGML_NATIVE=OFF)
     [--threads 2] [--prompt-len 128] [--gen-len 128] [--epochs 0] [--repeats 3] [--skip-llamacpp] [--no-native]
+    [--llamacpp each|native]
     [--embedding-scheme w8a16g128asym|none]
 
 Pipeline per scheme (cached under --work): calibrate (RTN with --epochs 0, OmniQuant LWC otherwise) -> pack (the
@@ -221,6 +222,9 @@ def main() -> int:
                     help="scheme of the tied embedding / lm_head in the quantized libraries ('none': float16)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds over all engines; the median is reported")
     ap.add_argument("--skip-llamacpp", action="store_true")
+    ap.add_argument("--llamacpp", choices=("each", "native"), default="each",
+                    help="each: llama.cpp built for every --isa; native: its native build only (on a CPU without "
+                         "AVX-512 that is AVX2 code, as its system_info line in the JSON shows)")
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--skip-fp16", action="store_true", help="skip the fp16 dense TVM library")
     ap.add_argument("--json", type=Path, default=None, help="default build/bench/decode-<isas>.json")
@@ -250,7 +254,7 @@ def main() -> int:
                             [sys.executable, "-m", "omniquant", "chat", "--model", str(packed), "--lib", str(lib),
                              "--evaluate", "--eval-prompt-len", str(args.prompt_len), "--eval-gen-len",
                              str(args.gen_len), "--json", str(out)], out))
-        if not args.skip_llamacpp:
+        if not args.skip_llamacpp and (args.llamacpp == "each" or isa == "native"):
             engines.append((f"llama.cpp Q4_1 (GGUF) [{isa}]", isa,
                             [str(ensure_llamacpp(isa)), "-c", LLAMACPP_SCRIPT, str(find_gguf()), *n], None))
     if not args.skip_torch:

@@ -53,12 +53,20 @@ def _paged(kv_len, rng):
     return pool, ids, kv_len - (npages - 1) * PAGE, k, v
 
 
+# isa None: the host's vector width (AVX2 or AVX-512); "avx512" / "sse": the 16- and 4-lane schedules, which LLVM
+# splits / keeps on this CPU, give the reference results too
+def _isa(name):
+    from mlc_schemes.model.isa import BY_NAME
+
+    return name and BY_NAME[name]
+
+
 @pytest.mark.parametrize("causal", [1, 0])
-@pytest.mark.parametrize("n", [1, 17, 40])
-def test_ragged_prefill(n, causal):
+@pytest.mark.parametrize("n,isa", [(1, None), (17, None), (40, None), (17, "avx512"), (17, "sse")])
+def test_ragged_prefill(n, causal, isa):
     rng = np.random.default_rng(n)
     q, k, v = (rng.standard_normal((n, h, D)).astype(np.float16) for h in (H_Q, H_KV, H_KV))
-    f = _compile(ac.attention_prefill_ragged_cpu(H_KV, H_Q, D, "float16"))
+    f = _compile(ac.attention_prefill_ragged_cpu(H_KV, H_Q, D, "float16", isa=_isa(isa)))
     out, lse = _t(np.zeros((n, H_Q, D), np.float16)), _t(np.zeros((n, H_Q), np.float32))
     ind = _t(np.array([0, n], np.int32))
     f(_t(q), ind, _t(k), _t(v), ind, _t(np.zeros(n, np.int32)), _t(np.zeros(1, np.int32)), out, lse,
@@ -68,12 +76,12 @@ def test_ragged_prefill(n, causal):
     np.testing.assert_allclose(lse.numpy(), ref_lse, atol=1e-5)
 
 
-@pytest.mark.parametrize("kv_len", [1, 16, 37, 150])
-def test_paged_decode(kv_len):
+@pytest.mark.parametrize("kv_len,isa", [(1, None), (16, None), (37, None), (150, None), (37, "avx512"), (37, "sse")])
+def test_paged_decode(kv_len, isa):
     rng = np.random.default_rng(kv_len)
     pool, ids, last, k, v = _paged(kv_len, rng)
     q = rng.standard_normal((1, H_Q, D)).astype(np.float16)
-    f = _compile(ac.attention_decode_cpu(H_KV, H_Q, D, "float16"))
+    f = _compile(ac.attention_decode_cpu(H_KV, H_Q, D, "float16", isa=_isa(isa)))
     out, lse = _t(np.zeros((1, H_Q, D), np.float16)), _t(np.zeros((1, H_Q), np.float32))
     zero = _t(np.zeros(1, np.int32))
     f(_t(q), _t(pool), _t(np.array([0, len(ids)], np.int32)), _t(ids), _t(np.array([last], np.int32)), zero, zero,
@@ -164,35 +172,6 @@ def test_rope_split_equals_tvms_kernel(scaling, apply_rope):
     assert (outs[0][2] == qkv[:, H_Q + H_KV:].astype(np.float32)).all()
 
 
-@pytest.mark.parametrize("isa", ["avx512", "sse"])  # the host's (AVX2 or AVX-512) vector width runs above
-def test_other_vector_widths(isa):
-    """The 16-lane (AVX-512) and 4-lane schedules, run on this CPU (LLVM splits / keeps the vectors): decode
-    over 37 paged keys and a causal ragged prefill of 17 rows give the reference results too."""
-    from mlc_schemes.model.isa import BY_NAME
-
-    rng = np.random.default_rng(11)
-    pool, ids, last, k, v = _paged(37, rng)
-    q = rng.standard_normal((1, H_Q, D)).astype(np.float16)
-    f = _compile(ac.attention_decode_cpu(H_KV, H_Q, D, "float16", isa=BY_NAME[isa]))
-    out, lse = _t(np.zeros((1, H_Q, D), np.float16)), _t(np.zeros((1, H_Q), np.float32))
-    zero = _t(np.zeros(1, np.int32))
-    f(_t(q), _t(pool), _t(np.array([0, len(ids)], np.int32)), _t(ids), _t(np.array([last], np.int32)), zero, zero,
-      out, lse, 0, 1.0, 1e4, SM)
-    ref_out, ref_lse = _reference(q, k, v, causal=False)
-    np.testing.assert_allclose(out.numpy(), ref_out, atol=2e-3)
-    np.testing.assert_allclose(lse.numpy(), ref_lse, atol=1e-5)
-    n = 17
-    q, k, v = (rng.standard_normal((n, h, D)).astype(np.float16) for h in (H_Q, H_KV, H_KV))
-    f = _compile(ac.attention_prefill_ragged_cpu(H_KV, H_Q, D, "float16", isa=BY_NAME[isa]))
-    out, lse = _t(np.zeros((n, H_Q, D), np.float16)), _t(np.zeros((n, H_Q), np.float32))
-    ind = _t(np.array([0, n], np.int32))
-    f(_t(q), ind, _t(k), _t(v), ind, _t(np.zeros(n, np.int32)), _t(np.zeros(1, np.int32)), out, lse, 1, 0, 1.0,
-      1e4, SM)
-    ref_out, ref_lse = _reference(q, k, v, causal=True)
-    np.testing.assert_allclose(out.numpy(), ref_out, atol=2e-3)
-    np.testing.assert_allclose(lse.numpy(), ref_lse, atol=1e-5)
-
-
 # --- sliding-window (local) layers: mlc_schemes.model.attention_sliding_cpu -----------------------------------------
 def _window(n_keys, offset, rng):
     """Pages holding a sliding window of n_keys tokens that starts `offset` slots into its first page (TVM's layout
@@ -204,8 +183,8 @@ def _window(n_keys, offset, rng):
     return pool, ids, info, k[offset:offset + n_keys], v[offset:offset + n_keys]
 
 
-@pytest.mark.parametrize("n_keys,offset", [(1, 0), (16, 5), (23, 9)])
-def test_sliding_decode_sees_the_window(n_keys, offset):
+@pytest.mark.parametrize("n_keys,offset,isa", [(1, 0, None), (16, 5, None), (23, 9, None), (23, 9, "avx512")])
+def test_sliding_decode_sees_the_window(n_keys, offset, isa):
     from mlc_schemes.model.attention_sliding_cpu import attention_decode_sliding_cpu
 
     rng = np.random.default_rng(n_keys)
@@ -213,7 +192,7 @@ def test_sliding_decode_sees_the_window(n_keys, offset):
     q = rng.standard_normal((1, H_Q, D)).astype(np.float16)
     out, lse = _t(np.zeros((1, H_Q, D), np.float16)), _t(np.zeros((1, H_Q), np.float32))
     zero = _t(np.zeros(1, np.int32))
-    _compile(attention_decode_sliding_cpu(H_KV, H_Q, D, "float16"))(
+    _compile(attention_decode_sliding_cpu(H_KV, H_Q, D, "float16", isa=_isa(isa)))(
         _t(q), _t(pool), _t(np.array([0, len(ids)], np.int32)), _t(ids), _t(info), zero, zero, out, lse,
         0, 1.0, 1e4, SM)
     ref_out, ref_lse = _reference(q, k, v, causal=False)
