@@ -18,12 +18,40 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from mlc_schemes.tvm_vulkan import vulkan_python  # noqa: E402
-from omniquant.paths import austen_dir  # noqa: E402
+from mlc_schemes.tvm_vulkan import vulkan_python
+from omniquant.paths import austen_dir
 
 CALIB = austen_dir() / "sensesensibility.txt"
 EVAL = austen_dir() / "prideprejudice.txt"
 PROMPT = "It is a truth universally acknowledged, that a single man"
+
+
+def test_device_flag_parsing_and_mismatch():
+    from mlc_schemes.engine import parse_device
+    from omniquant.errors import UserError
+
+    assert parse_device(None, "vulkan") == ("vulkan", 0)
+    assert parse_device("vulkan:2", "vulkan") == ("vulkan", 2)
+    assert parse_device("Vulkan", "vulkan") == ("vulkan", 0)
+    assert parse_device("cuda:1", "cuda") == ("cuda", 1)
+    assert parse_device(None, "llvm") == ("cpu", 0) and parse_device("llvm", "llvm") == ("cpu", 0)
+    with pytest.raises(UserError, match="compiled for llvm; it runs on cpu devices only"):
+        parse_device("vulkan:0", "llvm")
+    with pytest.raises(UserError, match="KIND:INDEX"):
+        parse_device("vulkan:x", "vulkan")
+
+
+def test_vulkan_library_without_vulkan_runtime_says_how_to_get_it():
+    import tvm
+
+    from mlc_schemes.engine import _device_for
+    from mlc_schemes.tvm_vulkan import tvm_has_vulkan
+    from omniquant.errors import UserError
+
+    if tvm_has_vulkan(codegen=False):
+        pytest.skip(f"this interpreter's TVM ({tvm.__file__}) has the Vulkan runtime")
+    with pytest.raises(UserError, match="make tvm-vulkan"):
+        _device_for({"target": "vulkan"}, "vulkan:0")
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +59,8 @@ def vk_python():
     py = vulkan_python()
     if py is None:
         pytest.skip("no Vulkan TVM here (build it with `make tvm-vulkan`)")
-    r = subprocess.run([str(py), "-c", "import tvm; d = tvm.vulkan(0); print(int(d.exist), d.device_name if d.exist "
-                        "else '')"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([str(py), "-c", ("import tvm; d = tvm.vulkan(0); print(int(d.exist), d.device_name if d.exist "
+                        "else '')")], check=False, capture_output=True, text=True, timeout=300)
     if r.returncode != 0 or not r.stdout.startswith("1"):
         pytest.skip(f"the Vulkan TVM sees no Vulkan device ({(r.stdout + r.stderr).strip()[-300:]})")
     print(f"Vulkan device: {r.stdout.split(' ', 1)[1].strip()}")
@@ -41,7 +69,7 @@ def vk_python():
 
 def _cli(*args, timeout=1800):
     env = {k: v for k, v in os.environ.items() if k != "OMNIQUANT_HANDED_TO_VULKAN_TVM"}
-    r = subprocess.run([sys.executable, "-m", "omniquant", *map(str, args)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "omniquant", *map(str, args)], check=False, capture_output=True, text=True,
                        timeout=timeout, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
@@ -52,8 +80,8 @@ def _greedy(py, packed, lib, n=24) -> list[int]:
     code = ("import json, sys; from mlc_schemes.engine import Engine; e = Engine(sys.argv[1], sys.argv[2]); "
             "ids = e.tokenizer(sys.argv[3])['input_ids']; print(json.dumps(e.generate_ids(ids, int(sys.argv[4]), "
             "stop_on_eos=False)))")
-    r = subprocess.run([str(py), "-c", code, str(packed), str(lib), PROMPT, str(n)], capture_output=True, text=True,
-                       timeout=900)
+    r = subprocess.run([str(py), "-c", code, str(packed), str(lib), PROMPT, str(n)], check=False, capture_output=True,
+                       text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -92,8 +120,8 @@ def test_vulkan_perplexity_equals_torch(vk_python, tiny_vk, tmp_path):
     from omniquant.ppl import perplexity
 
     out = tmp_path / "ppl.json"
-    _cli("ppl", "--engine", "tvm", "--model", tiny_vk / "packed", "--lib", tiny_vk / "vk32.so", "--data", EVAL,
-         "--seqlen", 256, "--max-windows", 4, "--json", out)
+    _cli("ppl", "--engine", "tvm", "--model", tiny_vk / "packed", "--lib", tiny_vk / "vk32.so", "--device", "vulkan:0",
+         "--data", EVAL, "--seqlen", 256, "--max-windows", 4, "--json", out)
     ppl_vk = json.loads(out.read_text())["ppl"]
     tokens = load_tokens(AutoTokenizer.from_pretrained(tiny_vk / "packed"), str(EVAL), split="eval")
     model = AutoModelForCausalLM.from_pretrained(tiny_vk / "fq", dtype=torch.float32).eval()
@@ -117,3 +145,4 @@ def test_real_smollm2_w4g128_runs_on_vulkan(vk_python, tmp_path):
     res = json.loads(out.read_text())
     print("SmolLM2 W4g128 on Vulkan:", res)
     assert res["target"] == "vulkan" and res["decode_tok_per_s"] > 0 and res["prefill_tok_per_s"] > 0
+    assert res["vulkan_device"] and res["vulkan_total_mib"] > 0
