@@ -162,8 +162,9 @@ class Engine:
 
     def __init__(self, model_dir: str | Path, lib_path: str | Path, *, verify: bool = True,
                  params: dict[str, np.ndarray] | None = None, device: str | None = None):
+        # runtime-only imports: they work with TVM_USE_RUNTIME_LIB=1
         import tvm
-        from tvm.runtime.vm import VirtualMachine  # runtime-only import: works with TVM_USE_RUNTIME_LIB=1
+        from tvm.runtime.vm import VirtualMachine
 
         from mlc_schemes.compile import PackedModel, fingerprint, read_packed_model
 
