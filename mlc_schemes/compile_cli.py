@@ -1,9 +1,10 @@
-"""Compile a packed weights dir into a TVM model library: `.so` (llvm, cuda) or `.tar` of objects (metal, webgpu).
+"""Compile a packed weights dir into a TVM model library: `.so` (llvm, cuda, vulkan) or `.tar` of objects (metal, webgpu).
 
 llvm targets this machine's CPU (its `mcpu`), or another x86 level with `--isa avx2` / `--isa avx512` (a library
 for a machine that is not this one, e.g. an AVX2 build to ship to older CPUs); cuda builds for `--cuda-arch` (sm_80 default, sm_90 for Hopper) and
 embeds nvcc-compiled cubins when nvcc is on PATH (else CUDA source compiled by NVRTC at load); metal writes
-arm64-macOS objects for a Mac to link; webgpu writes WGSL. A `<library>.json` beside the library holds the
+arm64-macOS objects for a Mac to link; webgpu writes WGSL; vulkan embeds SPIR-V for any Vulkan 1.1+ device with
+float16 and 16-bit storage (needs the Vulkan TVM from `make tvm-vulkan`, which omniquant then uses by itself). A `<library>.json` beside the library holds the
 fingerprint the runtime checks against the weights dir.
 """
 
@@ -17,9 +18,9 @@ from omniquant.errors import UserError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="packed weights dir (output of `omniquant pack`)")
-    p.add_argument("--target", default="llvm", help="llvm (this CPU), cuda, metal or webgpu (vulkan: unsupported)")
+    p.add_argument("--target", default="llvm", help="llvm (this CPU), cuda, vulkan, metal or webgpu")
     p.add_argument("--output", required=True,
-                   help="library path: .so for llvm/cuda, .tar for metal/webgpu (a .json sidecar is written beside)")
+                   help="library path: .so for llvm/cuda/vulkan, .tar for metal/webgpu (a .json sidecar is written beside)")
     p.add_argument("--isa", default="native",
                    help="llvm only: native (this CPU, default), avx2 (x86-64-v3: AVX2+FMA+F16C), avx512 (x86-64-v4), "
                         "or an LLVM CPU name such as znver3 or haswell")
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     target = args.target.lower()
     if target not in TARGETS:
-        raise UserError(f"unsupported target {args.target!r}; choose one of llvm, cuda, metal, webgpu")
+        raise UserError(f"unsupported target {args.target!r}; choose one of {', '.join(TARGETS)}")
     if not Path(args.model).is_dir():
         raise UserError(f"packed weights dir {args.model} does not exist")
     out = Path(args.output)
