@@ -58,11 +58,21 @@ def check_compatible(quant_config: dict, scheme: QuantScheme) -> None:
                             f"calibrated with {what} quantized to {quant_config[key]} bits")
 
 
+ROWS = 1024  # rows of a weight handled at a time (bounded temporaries for [32000, 8192] embeddings too)
+
+
 def linear_params(name: str, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None,
                   scheme: QuantScheme) -> Iterator[tuple[str, np.ndarray]]:
     """Stored tensors of one quantized linear from its integer codes [N, K] and scales / zeros [N, G]:
     `<name>.q_weight` uint32 [N, ceil(K / epw)], `<name>.q_scale` fp16 and (asymmetric) `<name>.q_zero` fp16."""
-    yield f"{name}.q_weight", pack_codes(codes, scheme.bits)
+    codes = np.asarray(codes)
+    # row blocks: pack_codes widens to uint32 and shifts, several copies of its input
+    q_weight = np.concatenate([pack_codes(codes[r:r + ROWS], scheme.bits) for r in range(0, codes.shape[0], ROWS)])
+    yield from _packed(name, q_weight, scales, zeros, scheme)
+
+
+def _packed(name: str, q_weight: np.ndarray, scales, zeros, scheme: QuantScheme) -> Iterator[tuple[str, np.ndarray]]:
+    yield f"{name}.q_weight", q_weight
     yield f"{name}.q_scale", np.asarray(scales).astype(np.float16)
     if scheme.stores_zero:
         yield f"{name}.q_zero", np.asarray(zeros).astype(np.float16)
@@ -76,11 +86,12 @@ def _quantized_linear(name: str, stored, scales, zeros, codes, scheme: QuantSche
 
     from omniquant.quant.codes import recover_codes, stored_weight
 
-    k = stored.shape[1]
+    n, k = stored.shape
     gw = scheme.group_width(k)
     scales, zeros = torch.as_tensor(np.asarray(scales)), torch.as_tensor(np.asarray(zeros))
+    out = np.empty((n, k), np.uint8)  # codes (< 2^8), row block by row block
     try:
-        if scales.shape != (stored.shape[0], -(-k // gw)) or zeros.shape != scales.shape:
+        if scales.shape != (n, -(-k // gw)) or zeros.shape != scales.shape:
             raise ValueError(f"scales {tuple(scales.shape)} / zeros {tuple(zeros.shape)} do not match weight "
                              f"{list(stored.shape)} with group size {gw}")
         if not torch.isfinite(scales).all() or (scales <= 0).any():
@@ -91,35 +102,46 @@ def _quantized_linear(name: str, stored, scales, zeros, codes, scheme: QuantSche
             raise ValueError(f"zeros must be integers in [0, {scheme.qmax}]")
         if scheme.fixed_zero is not None and (zeros != scheme.fixed_zero).any():
             raise ValueError(f"symmetric scheme needs every zero = {scheme.fixed_zero}")
-        if codes is None:
-            codes = recover_codes(stored, scales, zeros, scheme.bits, gw, scheme.symmetric)
-        else:
-            codes = torch.as_tensor(np.asarray(codes)).to(torch.int32)
-            if codes.shape != stored.shape or (codes > scheme.qmax).any():
-                raise ValueError(f"sidecar codes {tuple(codes.shape)} do not fit weight {list(stored.shape)}")
-            if not torch.equal(stored_weight(codes, scales, zeros, gw, stored.dtype), stored):
-                raise ValueError("the sidecar's codes do not reproduce the stored weights")
+        if codes is not None and tuple(codes.shape) != (n, k):
+            raise ValueError(f"sidecar codes {tuple(codes.shape)} do not fit weight {list(stored.shape)}")
+        for r in range(0, n, ROWS):
+            rows = slice(r, r + ROWS)
+            if codes is None:
+                c = recover_codes(stored[rows], scales[rows], zeros[rows], scheme.bits, gw, scheme.symmetric)
+            else:
+                c = torch.as_tensor(np.asarray(codes[rows])).to(torch.int32)
+                if (c > scheme.qmax).any() or not torch.equal(
+                        stored_weight(c, scales[rows], zeros[rows], gw, stored.dtype), stored[rows]):
+                    raise ValueError("the sidecar's codes do not reproduce the stored weights")
+            out[rows] = c.numpy()
     except ValueError as e:
         raise UserError(f"sidecar inconsistent with the weights of {name}: {e}") from None
-    yield from linear_params(name, codes.numpy(), scales.numpy(), zeros.numpy(), scheme)
+    yield from linear_params(name, out, scales.numpy(), zeros.numpy(), scheme)
 
 
 EMBEDDING_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
 def _rtn_linear(name: str, weight, scheme: QuantScheme) -> Iterator[tuple[str, np.ndarray]]:
-    """Round-to-nearest codes of a float weight [N, K] (torch, any float dtype) under `scheme` (the calibration's quantizer without LWC:
-    same fp16-exact scales, zero and ragged-group rule), packed."""
+    """Round-to-nearest codes of a float weight [N, K] (torch, any float dtype) under `scheme` (the calibration's
+    quantizer without LWC: same fp16-exact scales, zero and ragged-group rule), packed."""
     import torch
 
     from omniquant.quant.lwc import LWCQuantizer
     from omniquant.quant.spec import WeightQuantSpec
 
     spec = WeightQuantSpec(scheme.bits, scheme.group_size, scheme.symmetric)
-    weight = torch.as_tensor(weight).float()
-    w_fq, scales, zeros = LWCQuantizer(tuple(weight.shape), spec, lwc=False).export(weight)
-    del weight
-    yield from _quantized_linear(name, w_fq, scales, zeros, None, scheme)
+    weight = torch.as_tensor(weight)
+    n, k = weight.shape
+    quant = LWCQuantizer((ROWS, k), spec, lwc=False)
+    words, scales, zeros = [], [], []
+    for r in range(0, n, ROWS):  # rows are quantized independently: a row block at a time bounds the temporaries
+        w_fq, s, z = quant.export(weight[r:r + ROWS].float())
+        params = dict(_quantized_linear(name, w_fq, s, z, None, scheme))
+        words.append(params[f"{name}.q_weight"])
+        scales.append(s)
+        zeros.append(z)
+    yield from _packed(name, np.concatenate(words), torch.cat(scales).numpy(), torch.cat(zeros).numpy(), scheme)
 
 
 def to_float16(name: str, arr) -> np.ndarray:

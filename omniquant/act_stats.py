@@ -98,7 +98,8 @@ def check_shapes(stats: dict[str, torch.Tensor], model: nn.Module, adapter: Adap
 def read_stats(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         with safe_open(str(path), "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict), (f.metadata() or {})
+            stats = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+            return stats, (f.metadata() or {})
     except Exception as e:  # not a safetensors file, truncated, ...
         raise UserError(f"cannot read activation statistics {path}: {e}") from e
 

@@ -12,6 +12,11 @@ Learned parameters of each finished block are saved atomically, so a killed run 
 
 When nothing is learned (RTN, or LWC at its init: see `learns_nothing`) the weights are quantized directly, without
 capturing inputs or running the streams; the result is the same bit for bit.
+
+Memory: blocks come from a block source (`ModelBlocks`: a model in memory; `omniquant.lazy_model.LazyBlocks`: read
+from disk in the stored dtype and written out when finished), one block on the calibration device at a time, its
+kwargs moved there only while it runs. The streams are float32 [n, L, H] on the device, in RAM or in files
+(`omniquant.streams`), advanced in place window by window.
 """
 
 from __future__ import annotations

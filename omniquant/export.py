@@ -21,12 +21,7 @@ from safetensors.torch import save_file
 
 from omniquant.atomic import atomic_dir
 from omniquant.errors import UserError
-from omniquant.quant.codes import (
-    codes_recoverable,
-    dequantize,
-    recompute_codes,
-    recover_codes,
-)
+from omniquant.quant.codes import codes_recoverable, recompute_codes, recover_codes, stored_weight
 from omniquant.quant.spec import PADDING_RULE
 from omniquant.safetensors_io import MAX_SHARD_BYTES, ShardedWriter
 
@@ -89,28 +84,29 @@ class FakeQuantWriter:
         self.model.write(name, t)
 
     def write_linear(self, name: str, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
-        """A quantized linear: `weight` the exact float32 fake-quant weight [N, K], scales/zeros [N, G]."""
+        """A quantized linear: `weight` the exact float32 fake-quant weight [N, K], scales/zeros [N, G].
+
+        Checks that the stored weight is what the sidecar says (round_D of the grid value of its codes) and, where
+        the codes are not stored, that they are recovered from it."""
         dtype = self.specs[f"{name}.weight"][0]
         w = weight.detach().float().cpu()
+        scales, zeros = scales.float().cpu().contiguous(), zeros.to(torch.int32).cpu().contiguous()
         codes = recompute_codes(w, scales, zeros, self.bits, self.group_size, self.symmetric)
-        if not torch.equal(dequantize(codes, scales, zeros, self.group_size), w):
-            raise RuntimeError(f"internal error: {name} is not exactly representable by its scales/zeros")
         stored = w.to(dtype)
         if not torch.isfinite(stored).all():
             raise UserError(f"{name}: the quantized weight overflows {dtype_name(dtype)} (max |w| "
                             f"{w.abs().max():.3g}); the calibrated model cannot be stored in the source dtype")
+        if not torch.equal(stored_weight(codes, scales, zeros, self.group_size, dtype), stored):
+            raise RuntimeError(f"internal error: {name} is not exactly representable by its scales/zeros")
         if name in self.with_codes:
             self.sidecar.write(f"{name}.codes", codes.to(torch.uint8))
-        else:
-            try:
-                back = recover_codes(stored, scales, zeros, self.bits, self.group_size, self.symmetric)
-            except ValueError as e:
-                raise RuntimeError(f"internal error: codes of {name} not recoverable from {dtype_name(dtype)}: {e}")
+        elif dtype != torch.float32:  # float32 stores the grid itself: the check above was the recovery
+            back = recover_codes(stored, scales, zeros, self.bits, self.group_size, self.symmetric, verify=False)
             if not torch.equal(back, codes):
                 raise RuntimeError(f"internal error: codes of {name} not recoverable from {dtype_name(dtype)}")
         self.model.write(f"{name}.weight", stored)
-        self.sidecar.write(f"{name}.scales", scales.float().cpu().contiguous())
-        self.sidecar.write(f"{name}.zeros", zeros.to(torch.int32).cpu().contiguous())
+        self.sidecar.write(f"{name}.scales", scales)
+        self.sidecar.write(f"{name}.zeros", zeros)
 
     def write_module(self, prefix: str, module: torch.nn.Module, qparams: dict) -> None:
         """Every planned tensor of `module` (full names `prefix.<name>`); quantized linears with their

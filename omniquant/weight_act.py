@@ -77,7 +77,9 @@ def setup_weight_act(model: nn.Module, adapter: Adapter, windows: torch.Tensor, 
             kv.attach(block.get_submodule(attn_path), ActQuantizer(cfg_.kv_bits))
         if not cfg_.let:
             return None
-        return make_block_let(block, qlinears, adapter, model.config, cfg_.alpha, stats.block(i),
+        dev = next(block.parameters()).device  # statistics are kept on the CPU; the block may be on a GPU
+        block_stats = {n: (a.to(dev), b.to(dev)) for n, (a, b) in stats.block(i).items()}
+        return make_block_let(block, qlinears, adapter, model.config, cfg_.alpha, block_stats,
                               use_shift=cfg_.abits < 16)
 
     act_factory = (lambda name: ActQuantizer(cfg.abits)) if cfg.abits < 16 else None
