@@ -21,7 +21,12 @@ from safetensors.torch import save_file
 
 from omniquant.atomic import atomic_dir
 from omniquant.errors import UserError
-from omniquant.quant.codes import codes_recoverable, recompute_codes, recover_codes, stored_weight
+from omniquant.quant.codes import (
+    codes_recoverable,
+    recompute_codes,
+    recover_codes,
+    stored_weight,
+)
 from omniquant.quant.spec import PADDING_RULE
 from omniquant.safetensors_io import MAX_SHARD_BYTES, ShardedWriter
 

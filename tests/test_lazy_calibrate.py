@@ -61,8 +61,8 @@ def _same(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize("fixture,kw", [
-    ("fp16_dir", dict(wbits=3, group_size=64, epochs=1, aug_loss=True)),        # LWC, block-wise loop
-    ("opt16_dir", dict(wbits=4, abits=4, let=True, group_size=64, epochs=1)),  # LET + act quant, shifts (OPT)
+    ("fp16_dir", {"wbits": 3, "group_size": 64, "epochs": 1, "aug_loss": True}),        # LWC, block-wise loop
+    ("opt16_dir", {"wbits": 4, "abits": 4, "let": True, "group_size": 64, "epochs": 1}),  # LET + act quant, shifts (OPT)
 ])
 def test_lazy_equals_in_memory_bit_for_bit(fixture, kw, request, calib_text, tmp_path):
     """A multi-shard float16 checkpoint: the lazy path (blocks read in float16, upcast, written back in float16)
@@ -108,8 +108,8 @@ def test_streamed_act_stats_equal_whole_model_forward(fp16_dir, calib_text, tmp_
     from omniquant.data import load_tokens, sample_windows
     from omniquant.models import get_adapter
 
-    settings = dict(wbits=4, abits=8, let=True, group_size=-1, epochs=0, nsamples=2, seqlen=32, seed=5,
-                    calib_data=calib_text)
+    settings = {"wbits": 4, "abits": 8, "let": True, "group_size": -1, "epochs": 0, "nsamples": 2, "seqlen": 32, "seed": 5,
+                    "calib_data": calib_text}
     calibrate_checkpoint(fp16_dir, tmp_path / "o", **settings)
     streamed = act_stats.read_stats(tmp_path / "o.act_stats.safetensors")[0]
     model = AutoModelForCausalLM.from_pretrained(fp16_dir, dtype=torch.float32).eval()
@@ -121,7 +121,7 @@ def test_streamed_act_stats_equal_whole_model_forward(fp16_dir, calib_text, tmp_
 def test_disk_streams_give_the_same_checkpoint(fp16_dir, calib_text, tmp_path):
     from omniquant.calibrate import calibrate_checkpoint
 
-    settings = dict(wbits=3, group_size=64, epochs=1, nsamples=2, seqlen=32, seed=1, calib_data=calib_text)
+    settings = {"wbits": 3, "group_size": 64, "epochs": 1, "nsamples": 2, "seqlen": 32, "seed": 1, "calib_data": calib_text}
     calibrate_checkpoint(fp16_dir, tmp_path / "ram", streams="memory", **settings)
     calibrate_checkpoint(fp16_dir, tmp_path / "disk", streams="disk", **settings)
     _same(_all(tmp_path / "ram"), _all(tmp_path / "disk"))

@@ -132,6 +132,33 @@ def test_export_pack_unpack_in_source_dtype(dtype, bits, sym, gs, scheme, tiny_l
     assert (a - b).abs().max() <= tol * b.abs().max(), (a - b).abs().max()
 
 
+@pytest.mark.parametrize("dtype,bits", [(torch.float16, 4), (torch.bfloat16, 8)])
+def test_gptq_export_reads_sharded_source_dtype_checkpoints(dtype, bits, tiny_llama_dir, tmp_path):
+    """`omniquant export` on a sharded (index) fake-quant checkpoint in its source dtype, bfloat16 8-bit with its
+    codes in the sidecar: the reference-unpacked GPTQ tensors, (q - z) * s in float32 rounded once to the dtype,
+    are the stored weights bit for bit."""
+    from test_export_gptq import unpack_reference
+
+    from omniquant.calibrate import calibrate_checkpoint
+    from serving_formats import export_checkpoint
+
+    src = _resave(tiny_llama_dir, tmp_path / "src", dtype)
+    fq = calibrate_checkpoint(src, tmp_path / "fq", wbits=bits, group_size=64, epochs=0, lwc=False,
+                              max_shard_bytes=300_000)
+    qc = json.loads((fq / "quant_config.json").read_text())
+    assert len(list(fq.glob("model-*.safetensors"))) > 1 and qc["codes_in_sidecar"] is (dtype == torch.bfloat16)
+    out = SafetensorsDir(export_checkpoint(fq, "gptq", tmp_path / "gptq", progress=False))
+    weights = SafetensorsDir(fq)
+    for lin in qc["quantized_linears"]:
+        w = weights.get(f"{lin}.weight")
+        n, k = w.shape
+        q = unpack_reference(out.get(f"{lin}.qweight"), bits, k, dim=0)  # [K, N]
+        z = unpack_reference(out.get(f"{lin}.qzeros"), bits, n, dim=1)  # [G, N]
+        g = out.get(f"{lin}.g_idx").numpy()
+        grid = (q - z[g]).astype("float32") * out.get(f"{lin}.scales").float().numpy()[g]
+        assert torch.equal(torch.from_numpy(grid.T.copy()).to(dtype), w), lin
+
+
 def test_quantized_weight_that_overflows_float16_is_refused(tmp_path, tiny_llama_dir, capsys):
     """A float16 source whose largest weight is float16's largest value, 65504: at 8 bits per channel the scale
     65504 / 255 rounds up to 257 (float16), the top grid point 255 * 257 = 65535 rounds to inf in float16; the export
