@@ -191,6 +191,7 @@ def pack_checkpoint(fakequant_dir: str | Path, scheme_name: str, output_dir: str
     """
     from tqdm import tqdm
 
+    from omniquant.heap import release_freed_memory
     from omniquant.safetensors_io import SafetensorsDir
 
     src, output_dir = Path(fakequant_dir), Path(output_dir)
@@ -247,6 +248,7 @@ def pack_checkpoint(fakequant_dir: str | Path, scheme_name: str, output_dir: str
                 else:
                     yield dname, to_float16(dname, t)
                 del t
+                release_freed_memory()  # the row-block temporaries' heap pages (omniquant/heap.py)
                 bar.update(1)
         bar.close()
 
