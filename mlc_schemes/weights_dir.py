@@ -118,6 +118,19 @@ def verify_shards(directory: str | Path, shards: list[dict], chunk: int = 16 << 
             raise UserError(f"md5 mismatch in weight shard {path.name}: the file is corrupt")
 
 
+def iter_tensor_cache(directory: str | Path, verify: bool = True) -> Iterator[dict[str, np.ndarray]]:
+    """The tensors of `directory/tensor-cache.json` one shard at a time: {name: numpy array (read-only view of
+    that shard's bytes)}. With `verify`, each shard's md5 must match its record (UserError otherwise)."""
+    _, _, shards = tensor_records(directory)
+    for shard in shards:
+        path = Path(directory) / shard["dataPath"]
+        data = path.read_bytes()
+        if verify and hashlib.md5(data).hexdigest() != shard.get("md5sum"):
+            raise UserError(f"md5 mismatch in weight shard {path.name}: the file is corrupt")
+        yield {r["name"]: np.frombuffer(data, dtype=r["dtype"], count=r["nbytes"] // np.dtype(r["dtype"]).itemsize,
+                                        offset=r["byteOffset"]).reshape(r["shape"]) for r in shard["records"]}
+
+
 def read_tensor_cache(directory: str | Path, verify: bool = True) -> tuple[dict[str, np.ndarray], dict]:
     """Read `directory/tensor-cache.json` and its shards -> (name -> numpy array, metadata).
 
