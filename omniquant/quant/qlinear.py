@@ -1,7 +1,8 @@
 """A linear layer that runs with a fake-quantized weight during calibration.
 
-The full-precision weight stays frozen; only the quantizer's parameters (LWC logits) learn. Before a forward, the
-block-level LET code may set `temp_weight` / `temp_bias` (the transformed weight); otherwise the frozen weight is used.
+The full-precision weight stays frozen; only the quantizer's parameters learn (the recipe's: LWC logits, rounding
+offsets, Block-AP's scale/zero/weight delta, see quant/recipes.py). Before a forward, the block-level LET code may
+set `temp_weight` / `temp_bias` (the transformed weight); otherwise the frozen weight is used.
 """
 
 from __future__ import annotations
@@ -10,16 +11,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omniquant.quant.fakequant import GroupQuantizer
 from omniquant.quant.lwc import LWCQuantizer
 from omniquant.quant.spec import WeightQuantSpec
 
 
 class QuantLinear(nn.Module):
-    def __init__(self, linear: nn.Linear, spec: WeightQuantSpec, lwc: bool = True, act_quantizer: nn.Module | None = None):
+    def __init__(self, linear: nn.Linear, spec: WeightQuantSpec, lwc: bool = True, act_quantizer: nn.Module | None = None,
+                 quantizer: GroupQuantizer | None = None):
+        """quantizer: the recipe's weight fake-quantizer (default: LWC, or round-to-nearest with lwc=False)."""
         super().__init__()
         self.linear = linear
         self.linear.requires_grad_(False)
-        self.wquant = LWCQuantizer(tuple(linear.weight.shape), spec, lwc=lwc)
+        self.wquant = quantizer if quantizer is not None else LWCQuantizer(tuple(linear.weight.shape), spec, lwc=lwc)
         self.act_quantizer = act_quantizer
         self.temp_weight: torch.Tensor | None = None
         self.temp_bias: torch.Tensor | None = None
