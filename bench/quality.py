@@ -50,13 +50,14 @@ class RunConfig:
 
 
 # Quick: every method gets the same 32 window-passes of 512 tokens per block: OmniQuant's recipes 2 epochs x 16
-# windows in mini-batches of 4 (8 steps; budget-aware learning rates tuned on a validation split of the calibration
-# text, bench/README.md "Tuning"), AutoRound 32 iters x batch 1 (its "light" recipe, 50 x 8, is 12.5x that). Full:
+# windows, one window per step (32 steps; budget-aware learning rates tuned on a validation split of the calibration
+# text, bench/README.md "Tuning", where 32 one-window steps beat 8 steps of 4 windows for every recipe), AutoRound
+# 32 iters x batch 1 (its "light" recipe, 50 x 8, is 12.5x that). Full:
 # the papers' settings (OmniQuant 20 epochs x 128 windows, batch 1, whose budget-aware LWC rate is the paper's 1e-2
 # order; AutoRound's default 200 iters x batch 8).
 # Weight-activation settings (W4A4 / W6A6): OmniQuant also learns LET, a step costs about twice an LWC-only one, so
 # the quick setting gives it 1 epoch.
-QUICK = RunConfig(n_calib=16, calib_seqlen=512, n_eval=10, eval_seqlen=512, epochs=2, batch_size=4, lwc_lr=None,
+QUICK = RunConfig(n_calib=16, calib_seqlen=512, n_eval=10, eval_seqlen=512, epochs=2, batch_size=1, lwc_lr=None,
                   autoround_iters=32, autoround_batch=1, wa_epochs=1)
 FULL = RunConfig(n_calib=128, calib_seqlen=2048, n_eval=None, eval_seqlen=2048, epochs=20, batch_size=1,
                  lwc_lr=None, autoround_iters=200, autoround_batch=8, wa_epochs=20)

@@ -168,7 +168,7 @@ def _record_losses(monkeypatch, block, bump_after=None, nan_at=None):
             loss = loss + 10.0
         if nan_at is not None and n == nan_at:
             loss = loss * float("nan")
-        seen.append((float(loss), learned_state(block)))
+        seen.append((float(loss.detach()), learned_state(block)))
         return loss
 
     monkeypatch.setattr(torch.nn.functional, "mse_loss", mse)

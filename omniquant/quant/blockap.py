@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from omniquant.quant.fakequant import GroupQuantizer, minmax_qparams, round_ste
-from omniquant.quant.spec import WeightQuantSpec, from_groups, to_groups
+from omniquant.quant.spec import WeightQuantSpec, to_groups
 
 
 class BlockAPQuantizer(GroupQuantizer):
@@ -35,8 +35,8 @@ class BlockAPQuantizer(GroupQuantizer):
         self.weight_delta = nn.Parameter(torch.zeros(weight_shape))
 
     def _range(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        wg = to_groups(w.detach(), self.group_size)
-        return wg.amax(-1), wg.amin(-1)
+        _, xmax, xmin = self.stats(w)
+        return xmax.detach(), xmin.detach()
 
     def unit(self, w: torch.Tensor) -> torch.Tensor:
         """The min/max (round-to-nearest) step of each group of w, [N, G], no gradient."""
@@ -50,6 +50,6 @@ class BlockAPQuantizer(GroupQuantizer):
             return scale, zf
         return scale, round_ste(zf + self.zero_shift.to(w.dtype)).clamp(0, self.spec.qmax)
 
-    def effective_weight(self, w: torch.Tensor) -> torch.Tensor:
-        step = self.unit(w)[..., None]
-        return w + from_groups(to_groups(self.weight_delta.to(w.dtype), self.group_size) * step, self.in_features)
+    def grouped(self, w: torch.Tensor) -> torch.Tensor:
+        """W' = W + delta * u in groups [N, G, gs]."""
+        return self.stats(w)[0] + to_groups(self.weight_delta.to(w.dtype), self.group_size) * self.unit(w)[..., None]

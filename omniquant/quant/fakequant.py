@@ -56,10 +56,10 @@ def minmax_qparams(xmax: torch.Tensor, xmin: torch.Tensor, spec: WeightQuantSpec
 class GroupQuantizer(nn.Module):
     """Base of the weight recipes' fake-quantizers for one linear's weight [N, K].
 
-    A subclass implements `qparams(w) -> (scale [N, G], zero [N, G])` and may override `effective_weight(w)` (the
-    weight that is rounded, e.g. w + a learned delta) and `offset()` (the rounding offset v [N, K] in quantization
-    steps, or None).
-    `LR_GROUPS` maps each of its parameter names to a learning-rate group of `omniquant.quant.recipes.LR_GROUPS`.
+    A subclass implements `qparams(w) -> (scale [N, G], zero [N, G])` and may override `grouped(w)` (the weight that
+    is rounded, in groups [N, G, gs], e.g. w + a learned delta) and `offset()` (the rounding offset v [N, K] in
+    quantization steps, or None). `LR_GROUPS` maps each of its parameter names to a learning-rate group of
+    `omniquant.quant.recipes.LR_GROUPS`.
     """
 
     LR_GROUPS: ClassVar[dict[str, str]] = {}
@@ -69,12 +69,27 @@ class GroupQuantizer(nn.Module):
         self.spec = spec
         self.in_features = weight_shape[1]
         self.group_size, self.n_groups = spec.groups(self.in_features)
+        self._stats_of = None  # (weight, its version, (groups, max, min)): see `stats`
+
+    def stats(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w in groups [N, G, gs] (edge-padded), group max [N, G], group min [N, G]).
+
+        Cached for a weight that needs no gradient (the frozen weight: every training step quantizes the same
+        tensor); the cache holds the tensor itself and its version counter, so an in-place change (LET fusion,
+        the export's copy) or another tensor recomputes it."""
+        c = self._stats_of
+        if c is not None and c[0] is w and c[1] == w._version:
+            return c[2]
+        wg = to_groups(w, self.group_size)
+        out = (wg, wg.amax(-1), wg.amin(-1))
+        self._stats_of = None if w.requires_grad else (w, w._version, out)
+        return out
 
     def qparams(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def effective_weight(self, w: torch.Tensor) -> torch.Tensor:
-        return w
+    def grouped(self, w: torch.Tensor) -> torch.Tensor:
+        return self.stats(w)[0]
 
     def offset(self) -> torch.Tensor | None:
         return None
@@ -82,7 +97,7 @@ class GroupQuantizer(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         """Fake-quantized weight, same shape and dtype as w."""
         scale, zero = self.qparams(w)
-        x = to_groups(self.effective_weight(w), self.group_size) / scale[..., None]
+        x = self.grouped(w) / scale[..., None]
         v = self.offset()
         if v is not None:
             x = x + to_groups(v, self.group_size).to(x.dtype)

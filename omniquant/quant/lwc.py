@@ -27,7 +27,7 @@ from omniquant.quant.fakequant import (
     minmax_qparams,
     round_ste,
 )
-from omniquant.quant.spec import WeightQuantSpec, to_groups
+from omniquant.quant.spec import WeightQuantSpec
 
 __all__ = ["SCALE_MAX", "SCALE_MIN", "LWCQuantizer", "fp16_ste", "round_ste"]
 
@@ -47,8 +47,7 @@ class LWCQuantizer(GroupQuantizer):
 
     def qparams(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-group (scale [N, G], zero [N, G]) for weight w; both carry gradients to the LWC logits."""
-        wg = to_groups(w, self.group_size)
-        xmax, xmin = wg.amax(-1), wg.amin(-1)
+        _, xmax, xmin = self.stats(w)
         if self.upbound_factor is not None:
             xmax = torch.sigmoid(self.upbound_factor).to(w.dtype) * xmax
             xmin = torch.sigmoid(self.lowbound_factor).to(w.dtype) * xmin
