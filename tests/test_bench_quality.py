@@ -295,7 +295,7 @@ def test_goal_check_names_the_best_recipe_against_fully_quantized_peers():
     assert goal[2] == "W2g128 <= 2 x FP (40.00): NOT met (omniquant-round 60.00 = 3.00 x FP)"
     assert goal[3].endswith("w3g128 met (omniquant-blockap 150 s vs AutoRound 200 s), "
                             "w2g128 NOT met (omniquant-round 250 s vs AutoRound 200 s)")
-    assert "w3g128: met (54 %: RTN 85.00 -> 50.00, FP 20.00)" in goal[4]
+    assert "w3g128: met (54%: RTN 85.00 -> 50.00, FP 20.00)" in goal[4]
 
 
 # A stand-in method script: the real contract (bench/peers/common.py), a perturbed copy of one linear, a sleep so
@@ -398,3 +398,26 @@ def test_weight_act_scoring_equals_load_quantized(tiny_llama_dir, tiny_tok, cali
     weights_only = ev.perplexity_with(tmp_path / "out" / "weights.safetensors")
     assert weights_only != pytest.approx(wa, rel=1e-4)  # the activation quantizers did act, and are off again
     assert ev.perplexity_with(tmp_path / "out" / "weights.safetensors") == weights_only
+
+
+@pytest.mark.slow
+def test_our_recipe_rows_run_end_to_end(tiny_llama_dir, tmp_path):
+    """The real method script (bench/peers/omniquant_ours.py) for RTN, a recipe and the CLI-defaults row on the tiny
+    model: each scored, with its recipe, batch size and learning rates in the report."""
+    from bench import quality
+
+    out = tmp_path / "out"
+    argv = ["--quick", "--model", str(tiny_llama_dir), "--out", str(out), "--settings", "w3g128",
+            "--methods", "rtn,omniquant-blockap,omniquant-small", "--n-calib", "2", "--n-eval", "1", "--epochs", "1",
+            "--jobs", "1", "--threads", "1"]
+    assert quality.main(argv) == 0
+    rep = json.loads((out / "quality.json").read_text())
+    rs = rep["results"]["w3g128"]
+    assert set(rs) == {"rtn", "omniquant-blockap", "omniquant-small"}
+    assert all(math.isfinite(r["ppl"]) for r in rs.values()), rs
+    assert rs["omniquant-blockap"]["notes"].startswith("blockap, 1 epochs x 2 x 512 tokens, batch 1, linear lr: scale")
+    assert rs["omniquant-small"]["notes"].startswith("lwc, 2 epochs x 16 x 256 tokens, batch 1, linear lr: lwc")
+    assert rs["rtn"]["notes"].startswith("round-to-nearest")
+    meta = json.loads((out / "quality-quick" / "w3g128" / "omniquant-blockap" / "meta.json").read_text())
+    assert set(meta["learning_rates"]) == {"scale", "zero", "weight"}
+    assert rep["best_recipe"]["w3g128"] == "omniquant-blockap"  # the only one of OURS here

@@ -27,7 +27,7 @@ from omniquant.quant.rounding import RoundingQuantizer
 from omniquant.quant.spec import WeightQuantSpec
 
 ALL = list(RECIPES)  # lwc, lwc+round, blockap
-SMALL = dict(wbits=3, group_size=64, nsamples=4, seqlen=64, epochs=2, batch_size=2, seed=0)
+SMALL = {"wbits": 3, "group_size": 64, "nsamples": 4, "seqlen": 64, "epochs": 2, "batch_size": 2, "seed": 0}
 
 
 # ---------------------------------------------------------------------------------------------- quantizers alone
@@ -60,7 +60,7 @@ def test_export_is_exact_with_any_learned_values(make, bits, gs, sym):
     torch.manual_seed(1)
     w = torch.randn(16, 576) * 0.02  # 576 = 4.5 x 128: ragged last group
     q = make(tuple(w.shape), WeightQuantSpec(bits, gs, sym))
-    _randomize(q, bits * 7 + (gs if gs > 0 else 0))
+    _randomize(q, bits * 7 + max(gs, 0))
     wq, scales, zeros = q.export(w)
     assert torch.equal(wq, q(w).detach())
     assert torch.equal(scales.half().float(), scales) and zeros.dtype == torch.int32
@@ -74,7 +74,7 @@ def test_rounding_offset_moves_a_code_by_at_most_one():
     w = torch.randn(4, 128) * 0.02
     spec = WeightQuantSpec(4, 64)
     q = RoundingQuantizer(tuple(w.shape), spec, lwc=False)
-    base, scales, zeros = q.export(w)
+    base, scales, _ = q.export(w)
     with torch.no_grad():
         q.round_offset.fill_(3.0)  # clamped to +0.5 in the forward pass
     moved = q.export(w)[0]

@@ -82,7 +82,8 @@ def main() -> None:
     if not args.keep_checkpoint:
         shutil.rmtree(ckpt)
     cal = qc["calibration"]
-    lrs = ", ".join(f"{g} {lr:.3g}" for g, lr in (cal["block_log"][0].get("lr") or {}).items())
+    first_lr = next((b["lr"] for b in cal.get("block_log") or [] if b.get("lr")), {})  # RTN: none
+    lrs = ", ".join(f"{g} {lr:.3g}" for g, lr in first_lr.items())
     what = "round-to-nearest, asymmetric integer zero" if rtn else (
         f"{qc['recipe']}{' + LET' if weight_act else ''}, {cal['epochs']} epochs x {cal['nsamples']} x "
         f"{cal['seqlen']} tokens, batch {cal['batch_size']}, {cal['lr_schedule']} lr: {lrs}"
@@ -96,7 +97,7 @@ def main() -> None:
                        "calibration_settings": {k: qc["calibration"].get(k) for k in
                                                 ("recipe", "epochs", "nsamples", "seqlen", "batch_size", "lwc",
                                                  "let", "lwc_lr", "lr_schedule", "keep_best", "seed")},
-                       "learning_rates": cal["block_log"][0].get("lr") if not rtn else None}})
+                       "learning_rates": first_lr or None})
 
 
 if __name__ == "__main__":
