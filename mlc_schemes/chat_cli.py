@@ -1,6 +1,7 @@
 """Chat with a compiled model, or measure it: prefill / decode tok/s and peak memory (`--evaluate`).
 
-Interactive commands: `/stats` (speed of the last reply), `/reset` (forget the conversation), `/exit`.
+Interactive commands: `/stats` (speed of the last reply), `/reset` (forget the conversation), `/exit`. Turns are
+rendered with the tokenizer's chat template (`Conversation`); the KV cache keeps what the turns have in common.
 `--random-weights --preset llama2-7b --scheme w4a16g128asym --target cuda` compiles and measures a model of a real
 model's shapes with random weights (nothing downloaded). Numbers use the compiled library's compute dtype.
 """
@@ -26,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass when temperature > 0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt", help="answer this one prompt and exit (non-interactive)")
+    p.add_argument("--system", default=None, help="system message at the start of the conversation (chat template)")
     p.add_argument("--evaluate", action="store_true", help="measure prefill/decode speed and peak memory, then exit")
     p.add_argument("--eval-prompt-len", type=int, default=128)
     p.add_argument("--eval-gen-len", type=int, default=256)
@@ -70,7 +72,7 @@ def _interactive(engine, args) -> int:
         import readline  # noqa: F401 - line editing and history for input()
     except ImportError:
         pass
-    tok = engine.tokenizer
+    conv = Conversation(engine.tokenizer, args.system)
     print("chat: /stats, /reset, /exit", file=sys.stderr)
     while True:
         try:
@@ -83,6 +85,7 @@ def _interactive(engine, args) -> int:
             return 0
         if cmd == "/reset":
             engine.reset()
+            conv = Conversation(engine.tokenizer, args.system)
             print("(conversation reset)")
             continue
         if cmd == "/stats":
@@ -90,18 +93,51 @@ def _interactive(engine, args) -> int:
             continue
         if not cmd:
             continue
-        _reply(engine, tok, line, args)
+        _reply(engine, conv, line, args)
 
 
-def _prompt_ids(tok, text: str, first: bool) -> list[int]:
-    if getattr(tok, "chat_template", None):
-        return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True,
-                                       return_dict=False)
-    return tok(text, add_special_tokens=first)["input_ids"]
+class Conversation:
+    """The messages of a chat, rendered with the tokenizer's own chat template (the packed dir carries the model's
+    tokenizer files, template included: BOS, turn markers, generation prompt as the model was trained).
+
+    Each turn renders the whole conversation and `sync` feeds the engine only what its KV cache lacks: the longest
+    common prefix of the rendering and the cached tokens is kept, anything after it is rolled back (e.g. a reply
+    that re-tokenizes differently, or the end-of-turn token the template adds). A tokenizer without a template
+    continues the raw text (special tokens, e.g. BOS, only at the start)."""
+
+    def __init__(self, tokenizer, system: str | None = None):
+        self.tok = tokenizer
+        self.templated = bool(getattr(tokenizer, "chat_template", None))
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+
+    def prompt_ids(self, text: str, cached: list[int]) -> list[int]:
+        """Token ids of the whole conversation with the user's `text` appended, ready for the reply."""
+        self.messages.append({"role": "user", "content": text})
+        if self.templated:
+            return list(self.tok.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=False))
+        return cached + self.tok(text, add_special_tokens=not cached)["input_ids"]
+
+    def add_reply(self, text: str) -> None:
+        self.messages.append({"role": "assistant", "content": text})
+
+    @staticmethod
+    def sync(engine, ids: list[int]) -> list[int]:
+        """Roll the engine back to the common prefix of its tokens and `ids`; returns the ids still to prefill
+        (at least one, so the reply has fresh logits)."""
+        common = 0
+        for a, b in zip(engine.tokens, ids):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)
+        engine.rollback(engine.seq_len - common)
+        return ids[common:]
 
 
-def _reply(engine, tok, text: str, args) -> None:
-    ids = _prompt_ids(tok, text, engine.seq_len == 0)
+def _reply(engine, conv: Conversation, text: str, args) -> None:
+    tok = conv.tok
+    ids = Conversation.sync(engine, conv.prompt_ids(text, engine.tokens))
     engine.reset_stats()
     new: list[int] = []
     printed = 0
@@ -117,6 +153,7 @@ def _reply(engine, tok, text: str, args) -> None:
     engine.generate_ids(ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                         on_token=on_token)
     print()
+    conv.add_reply(tok.decode(new, skip_special_tokens=True))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -158,6 +195,6 @@ def run(args: argparse.Namespace) -> int:
             Path(args.json).write_text(json.dumps(res, indent=2))
         return 0
     if args.prompt is not None:
-        _reply(engine, engine.tokenizer, args.prompt, args)
+        _reply(engine, Conversation(engine.tokenizer, args.system), args.prompt, args)
         return 0
     return _interactive(engine, args)

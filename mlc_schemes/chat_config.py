@@ -60,12 +60,15 @@ def _first_id(value):
 
 
 def _conv_template(tokenizer_dir: Path) -> str:
-    """MLC conversation template name: "chatml" for an `<|im_start|>` chat template, else plain "LM"."""
+    """MLC conversation template name: "chatml" for an `<|im_start|>` chat template (Qwen), "gemma3_instruction"
+    for a `<start_of_turn>` one, else plain "LM". (`omniquant chat` renders the tokenizer's template itself.)"""
     text = ""
     for name in ("chat_template.jinja", "tokenizer_config.json"):
         if (tokenizer_dir / name).is_file():
             text += (tokenizer_dir / name).read_text(encoding="utf-8", errors="replace")
-    return "chatml" if "<|im_start|>" in text else "LM"
+    if "<|im_start|>" in text:
+        return "chatml"
+    return "gemma3_instruction" if "<start_of_turn>" in text else "LM"
 
 
 def build_chat_config(hf_config: dict, scheme: QuantScheme, quantized_linears: dict[str, list[int]],

@@ -109,20 +109,32 @@ def make_target(kind: str, arch: str = "sm_80"):
     return tvm.target.Target({"kind": "webgpu"}, host={"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"})
 
 
+def model_config(pm: PackedModel):
+    """(architecture module, its config) of `pm` (mlc_schemes.model registry by model_type); UserError when the
+    architecture or a setting of it has no TVM model."""
+    from mlc_schemes.model import get_architecture
+
+    arch = get_architecture(pm.chat["model_config"].get("model_type", pm.chat.get("model_type")), "compile")
+    try:
+        return arch, arch.Config.from_chat_config(pm.chat)
+    except ValueError as e:
+        raise UserError(f"compile: {e}") from None
+
+
+def build_model(pm: PackedModel, target, dtype: str):
+    """The `relax.frontend.nn` model of `pm`'s architecture."""
+    arch, cfg = model_config(pm)
+    backend = "cpu" if target.kind.name == "llvm" else "gpu"
+    return arch.Model(cfg, pm.scheme, pm.quantized, dtype, backend, target, embed_scheme=pm.embed_scheme,
+                      quantized_embed=pm.quantized_embed)
+
+
 def build_module(pm: PackedModel, target, dtype: str):
     """Export the relax IRModule of the model; checks its parameters against the packed records.
 
     Returns (module, parameter names in call order, param_concat: fused parameter -> the packed tensors that the
     engine concatenates along axis 0 to make it)."""
-    from mlc_schemes.model.llama import LlamaConfig, LlamaForCausalLM
-
-    try:
-        cfg = LlamaConfig.from_chat_config(pm.chat)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    backend = "cpu" if target.kind.name == "llvm" else "gpu"
-    model = LlamaForCausalLM(cfg, pm.scheme, pm.quantized, dtype, backend, target, embed_scheme=pm.embed_scheme,
-                             quantized_embed=pm.quantized_embed)
+    model = build_model(pm, target, dtype)
     mod, named_params, _ext = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
     concat = model.param_concat
     expected = {name: (tuple(int(x) for x in p.shape), p.dtype) for name, p in named_params}
@@ -190,6 +202,7 @@ def compile_packed(packed_dir: str | Path, target_kind: str, output: str | Path,
         raise UserError(f"a {target_kind} library is written as {suffix}; got output {output}")
     pm = packed_dir if isinstance(packed_dir, PackedModel) else read_packed_model(packed_dir)
     t0 = time.time()
+    _, cfg = model_config(pm)
     mod, param_names, param_concat = build_module(pm, target, dtype)
     if target.kind.name != "llvm":
         mod = _gpu_schedule(mod, target)
@@ -208,8 +221,9 @@ def compile_packed(packed_dir: str | Path, target_kind: str, output: str | Path,
             "arch": arch if target_kind == "cuda" else None, "dtype": dtype, "model_type": pm.chat.get("model_type"),
             "quantization": pm.chat.get("quantization") if pm.scheme else "none", "param_names": param_names,
             "param_concat": param_concat,
-            "context_window_size": pm.chat.get("context_window_size"),
-            "prefill_chunk_size": pm.chat.get("prefill_chunk_size"),
+            "context_window_size": cfg.context_window_size,
+            # at most the sliding window when layers are local (TVM's ragged prefill kernel has no window)
+            "prefill_chunk_size": cfg.prefill_chunk_size, "sliding_window": cfg.sliding_window or None,
             "compile_seconds": round(time.time() - t0, 2), "tvm_version": tvm.__version__,
             "cuda_source_sha256": cubin[0] if cubin else None, "model_code_sha256": model_code_hash(),
         }

@@ -17,7 +17,11 @@ def pack_dense_fp16(hf_dir: str | Path, output_dir: str | Path) -> Path:
     import numpy as np
     from safetensors.numpy import load_file
 
-    from mlc_schemes.chat_config import TOKENIZER_FILES, copy_tokenizer, model_config_from_hf
+    from mlc_schemes.chat_config import (
+        TOKENIZER_FILES,
+        copy_tokenizer,
+        model_config_from_hf,
+    )
     from mlc_schemes.weights_dir import write_tensor_cache
     from omniquant.atomic import atomic_dir
 
@@ -25,10 +29,12 @@ def pack_dense_fp16(hf_dir: str | Path, output_dir: str | Path) -> Path:
     files = sorted(hf_dir.glob("*.safetensors"))
     if not files or not (hf_dir / "config.json").is_file():
         raise UserError(f"{hf_dir} is not an HF checkpoint with safetensors weights")
-    hf_config = json.loads((hf_dir / "config.json").read_text())
+    from mlc_schemes.pack import source_view
+
+    hf_config, deployed_name = source_view(json.loads((hf_dir / "config.json").read_text()))
     tensors: dict[str, np.ndarray] = {}
     for f in files:
-        tensors |= load_file(f)
+        tensors |= {d: t for n, t in load_file(f).items() if (d := deployed_name(n)) is not None}
     if hf_config.get("tie_word_embeddings"):
         tensors.pop("lm_head.weight", None)
     mc = model_config_from_hf(hf_config)

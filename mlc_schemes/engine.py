@@ -6,7 +6,8 @@
     text, stats = eng.generate("prompt", max_new_tokens=64)
 
 Greedy decoding when temperature == 0, else temperature + top-p (nucleus) sampling with a seeded numpy RNG.
-`tvm_perplexity` scores text through the compiled model with the windowing of `omniquant.ppl.perplexity`.
+`tvm_perplexity` scores text through the compiled model with the windowing (and BOS rule) of
+`omniquant.ppl.perplexity`.
 """
 
 from __future__ import annotations
@@ -170,6 +171,7 @@ class Engine:
         self.stats = Stats()
         self.kv = None
         self.seq_len = 0
+        self.tokens: list[int] = []  # the ids whose K/V the cache holds, in order
         self.reset()
 
     def _to_device(self, name: str, arr: np.ndarray):
@@ -197,6 +199,19 @@ class Engine:
                                                    ShapeTuple([0]))
         self._f_add(self.kv, 0)
         self.seq_len = 0
+        self.tokens = []
+
+    def rollback(self, n: int) -> None:
+        """Drop the last `n` tokens from the sequence (their K/V pages are freed): a chat turn that re-renders the
+        conversation continues from the longest prefix the cache already holds."""
+        import tvm
+
+        if not 0 <= n <= self.seq_len:
+            raise ValueError(f"cannot roll back {n} of {self.seq_len} tokens")
+        if n:
+            tvm.get_global_func("vm.builtin.kv_state_popn")(self.kv, 0, n)
+            self.seq_len -= n
+            del self.tokens[len(self.tokens) - n:]
 
     def _forward(self, fn: str, ids: np.ndarray):
         import tvm
@@ -213,6 +228,7 @@ class Engine:
         logits, self.kv = self.vm[fn](emb, self.kv, self.params)
         self._f_end(self.kv)
         self.seq_len += n
+        self.tokens.extend(int(t) for t in ids)
         return logits
 
     def prefill(self, ids, all_logits: bool = False) -> np.ndarray:
@@ -306,14 +322,17 @@ def tvm_perplexity(model_dir, lib_path, tokens, seqlen: int, max_windows: int | 
     """Perplexity through the compiled model; same windows and NLL as `omniquant.ppl.perplexity`."""
     import torch
 
-    from omniquant.ppl import from_nlls, window_nlls
+    from omniquant.ppl import from_nlls, window_bos, window_nlls
 
     eng = Engine(model_dir, lib_path)
     if seqlen > eng.context:
         raise UserError(f"seqlen {seqlen} exceeds the model's context window {eng.context}")
+    mc = eng.chat["model_config"]
+    bos = window_bos(mc.get("model_type"), eng.chat.get("bos_token_id", mc.get("bos_token_id")))
 
     def logits_fn(ids):
         eng.reset()
         return torch.from_numpy(eng.prefill(ids[0].numpy(), all_logits=True))[None]
 
-    return from_nlls(window_nlls(logits_fn, torch.as_tensor(tokens), seqlen, max_windows, desc="ppl (tvm)"))
+    return from_nlls(window_nlls(logits_fn, torch.as_tensor(tokens), seqlen, max_windows, desc="ppl (tvm)",
+                                 bos=bos))

@@ -160,8 +160,10 @@ def pack_checkpoint(fakequant_dir: str | Path, scheme_name: str, output_dir: str
     """Pack the fake-quant checkpoint in `fakequant_dir` with scheme `scheme_name` into new dir `output_dir`;
     with `embedding_scheme`, the embedding (and an untied lm_head) are RTN-quantized with that scheme.
 
-    Raises UserError for a missing / inconsistent sidecar, a scheme that does not match the calibration, or an
-    existing `output_dir`; on any failure nothing is left at `output_dir`.
+    Raises UserError for a missing / inconsistent sidecar, a scheme that does not match the calibration, an
+    architecture without a TVM model, or an existing `output_dir`; on any failure nothing is left at `output_dir`.
+    Tensors are stored under the names the architecture's model reads (`source_view`: e.g. the text model of a
+    multimodal Gemma 3, whose vision tower is not packed).
     """
     from safetensors import safe_open
     from tqdm import tqdm
@@ -171,7 +173,8 @@ def pack_checkpoint(fakequant_dir: str | Path, scheme_name: str, output_dir: str
     embed_scheme = get_scheme(embedding_scheme) if embedding_scheme else None
     if output_dir.exists():
         raise UserError(f"output {output_dir} already exists; choose a new path or remove it")
-    hf_config = _read_json(src / "config.json", "HF config")
+    source_config = _read_json(src / "config.json", "HF config")
+    hf_config, deployed_name = source_view(source_config)
     qconfig = _read_json(src / QUANT_CONFIG, "quantization sidecar")
     if not (src / QUANT_PARAMS).is_file():
         raise UserError(f"quantization sidecar missing: {src / QUANT_PARAMS}")
@@ -186,32 +189,42 @@ def pack_checkpoint(fakequant_dir: str | Path, scheme_name: str, output_dir: str
         raise UserError(f"sidecar lacks {len(missing)} tensors, e.g. {missing[0]}")
     if extra := sorted(side_names - expected):
         raise UserError(f"sidecar has tensors for linears not listed in {QUANT_CONFIG}, e.g. {extra[0]}")
-    if missing := [n for n in linears if f"{n}.weight" not in weights.where]:
+    # Names are compared as deployed (the architecture's source view: a multimodal model keeps its text model, and
+    # the sidecar's module names may differ from the names transformers writes to disk).
+    deployed = {n: d for n in weights.names() if (d := deployed_name(n)) is not None}  # on disk -> deployed
+    if hf_config.get("tie_word_embeddings"):
+        deployed = {n: d for n, d in deployed.items() if d != "lm_head.weight"}  # tied: stored once, as HF does
+    on_disk = {d: n for n, d in deployed.items()}
+    quantized = {deployed_name(f"{n}.weight"): n for n in linears}  # deployed weight -> sidecar's linear name
+    if missing := [n for d, n in quantized.items() if d not in on_disk]:
         raise UserError(f"quantized linear {missing[0]} has no weight in the checkpoint")
-    shapes = {n: weights.shape(f"{n}.weight") for n in linears}
+    shapes = {d.removesuffix(".weight"): weights.shape(on_disk[d]) for d in quantized}
     if bad := [n for n, shape in shapes.items() if len(shape) != 2]:
         raise UserError(f"quantized linear {bad[0]} has a {len(shapes[bad[0]])}-D weight")
-
-    names = weights.names()
-    if hf_config.get("tie_word_embeddings") and "lm_head.weight" in names:
-        names.remove("lm_head.weight")  # tied to the embedding: stored once, as HF does
-    quantized = {f"{n}.weight": n for n in linears}
-    logical = sum(np.prod(weights.shape(n), dtype=np.int64) for n in names)
-    embedded = {n.removesuffix(".weight"): weights.shape(n) for n in EMBEDDING_TENSORS if n in names}
+    logical = sum(np.prod(weights.shape(n), dtype=np.int64) for n in deployed)
+    embedded = {d.removesuffix(".weight"): weights.shape(n) for n, d in deployed.items() if d in EMBEDDING_TENSORS}
     if embed_scheme is not None and not embedded:
         raise UserError(f"--embedding-scheme {embed_scheme.name}: the checkpoint has no {EMBEDDING_TENSORS[0]}")
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
-        for name in tqdm(names, desc=f"pack {scheme.name}", unit="tensor", disable=not progress):
+        for name, dname in tqdm(deployed.items(), desc=f"pack {scheme.name}", unit="tensor", disable=not progress):
             arr = weights.get(name)
-            if name in quantized:
-                lin = quantized[name]
-                yield from _fakequant_linear(lin, arr, sidecar.get_tensor(f"{lin}.scales"),
+            if dname in quantized:
+                lin = quantized[dname]
+                yield from _fakequant_linear(dname.removesuffix(".weight"), arr, sidecar.get_tensor(f"{lin}.scales"),
                                              sidecar.get_tensor(f"{lin}.zeros"), scheme)
-            elif embed_scheme is not None and name.removesuffix(".weight") in embedded:
-                yield from _rtn_linear(name.removesuffix(".weight"), arr, embed_scheme)
+            elif embed_scheme is not None and dname.removesuffix(".weight") in embedded:
+                yield from _rtn_linear(dname.removesuffix(".weight"), arr, embed_scheme)
             else:
-                yield name, to_float16(name, arr)
+                yield dname, to_float16(dname, arr)
 
     return write_packed_model(output_dir, hf_config, scheme, tensors(), shapes, lambda: int(logical), src,
                               calibration=qconfig, embedding=(embed_scheme, embedded) if embed_scheme else None)
+
+
+def source_view(source_config: dict):
+    """(deployed HF config, checkpoint tensor name -> deployed name or None) from the architecture's TVM model file
+    (mlc_schemes.model); UserError for an architecture without a TVM model."""
+    from mlc_schemes.model import get_architecture
+
+    return get_architecture(source_config.get("model_type"), "pack").source_view(source_config)

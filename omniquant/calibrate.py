@@ -16,7 +16,9 @@ from omniquant.config import SUPPORTED_ABITS, CalibConfig
 from omniquant.data import load_tokens, sample_windows
 from omniquant.errors import UserError
 from omniquant.export import save_fakequant
+from omniquant.hub import resolve_model
 from omniquant.models import get_adapter
+from omniquant.ppl import config_window_bos
 from omniquant.quant.recipes import LR_GROUPS, resolve_recipe
 from omniquant.quant.spec import SUPPORTED_WBITS
 
@@ -41,23 +43,6 @@ def validate(cfg: CalibConfig) -> None:
             raise UserError(f"--{g.field.replace('_', '-')} must be positive, got {getattr(cfg, g.field)}")
     if cfg.nsamples % cfg.batch_size:
         raise UserError(f"--nsamples ({cfg.nsamples}) must be a multiple of --batch-size ({cfg.batch_size})")
-
-
-def resolve_model(model: str | Path) -> Path:
-    """A checkpoint directory, or a known name (see omniquant.real_model.KNOWN_MODELS) prepared on first use."""
-    p = Path(model)
-    if p.is_dir():
-        if not (p / "config.json").exists():
-            raise UserError(f"model directory {p} has no config.json (not a Hugging Face checkpoint)")
-        return p
-    try:
-        from omniquant.real_model import KNOWN_MODELS
-    except ImportError:
-        KNOWN_MODELS = {}
-    if str(model) in KNOWN_MODELS:
-        return Path(KNOWN_MODELS[str(model)]())
-    known = f" (or a known name: {', '.join(KNOWN_MODELS)})" if KNOWN_MODELS else ""
-    raise UserError(f"model path {model} does not exist{known}")
 
 
 def check_output(output: Path, overwrite: bool) -> None:
@@ -98,7 +83,7 @@ def quantize_in_memory(model_path, cfg: CalibConfig, state_dir: Path, resume: bo
     windows = None  # RTN / LWC at its init quantizes the weights directly: no calibration text is read
     if not learns_nothing(cfg):
         windows = sample_windows(load_tokens(tokenizer, cfg.calib_data, split="calib"), cfg.nsamples, cfg.seqlen,
-                                 cfg.seed)
+                                 cfg.seed, bos=config_window_bos(hf_config))
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     model.eval()
     model.config.use_cache = False

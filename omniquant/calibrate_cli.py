@@ -1,7 +1,10 @@
 """OmniQuant calibration: learn LWC (and LET) block by block, write a fake-quant checkpoint + quant sidecar.
 
-Flag names follow the official OmniQuant main.py (wbits, abits, group_size, lwc, let, epochs, nsamples, aug_loss,
-symmetric, resume).
+Flag names follow the official OmniQuant main.py: --wbits, --abits, --lwc, --let, --epochs, --nsamples, --symmetric,
+--alpha, --wd, --seed, --resume, and its underscore spellings as aliases of ours (--group_size, --lwc_lr, --let_lr,
+--aug_loss, --batch_size, --calib_dataset = --calib-data, --save_dir = --output). Its --output_dir (log directory +
+omni_parameters.pth) has no counterpart and is refused with a hint; our --resume takes this tool's state directory,
+not an omni_parameters.pth file. Prefix abbreviations are off (`--lwc` is never read as `--lwc-lr`).
 """
 
 from __future__ import annotations
@@ -10,16 +13,19 @@ import argparse
 
 from omniquant.block_train import SCHEDULES
 from omniquant.config import CalibConfig
+from omniquant.hub import add_model_arguments
 from omniquant.quant.recipes import BEST, LR_GROUPS, RECIPE_CHOICES
 
 D = CalibConfig()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="HF checkpoint directory, or a known name (smollm2)")
-    p.add_argument("--output", required=True, help="directory for the fake-quant checkpoint (must not exist)")
+    add_model_arguments(p, "HF checkpoint directory, or `smollm2` (the GGUF-converted real model)")
+    p.add_argument("--output", "--save_dir", required=True,
+                   help="directory for the fake-quant checkpoint (must not exist)")
+    p.add_argument("--output_dir", action=_NotOurs, help=argparse.SUPPRESS)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    p.add_argument("--calib-data", default=D.calib_data,
+    p.add_argument("--calib-data", "--calib_dataset", default=D.calib_data,
                    help="text file, folder of .txt, comma-separated list, or wikitext2/c4/ptb (datasets cache); "
                         "not read when nothing is learned (--epochs 0 or --no-lwc, weight-only, no --let)")
     p.add_argument("--wbits", type=int, default=D.wbits, help="weight bits: 2, 3, 4, 6 or 8")
@@ -28,9 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", "--group_size", type=int, default=D.group_size,
                    help="weights per quantization group along the input dim; -1 = per output channel")
     p.add_argument("--symmetric", action="store_true", help="symmetric (MLC-style, zero = 2^(b-1)-1)")
-    p.add_argument("--no-lwc", dest="lwc", action="store_false",
-                   help="disable Learnable Weight Clipping (recipe lwc: round-to-nearest; lwc+round: rounding offsets "
-                        "only; blockap has no LWC)")
+    p.add_argument("--lwc", action=argparse.BooleanOptionalAction, default=D.lwc,
+                   help="Learnable Weight Clipping (on by default; --no-lwc --epochs 0 = round-to-nearest; with "
+                        "--recipe lwc+round, --no-lwc learns the rounding offsets only; blockap has no LWC)")
     p.add_argument("--let", action="store_true", help="Learnable Equivalent Transformation (weight-activation runs)")
     p.add_argument("--alpha", type=float, default=D.alpha, help="SmoothQuant-style LET scale init exponent")
     p.add_argument("--act-stats", default=None, metavar="FILE",
@@ -39,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=D.epochs, help="passes over the calibration windows per block (0 = no training)")
     p.add_argument("--nsamples", type=int, default=D.nsamples, help="number of calibration windows")
     p.add_argument("--seqlen", type=int, default=D.seqlen, help="tokens per calibration window")
-    p.add_argument("--batch-size", type=int, default=D.batch_size,
+    p.add_argument("--batch-size", "--batch_size", type=int, default=D.batch_size,
                    help="calibration windows per optimizer step (--nsamples must be a multiple)")
     p.add_argument("--recipe", default=D.recipe, choices=RECIPE_CHOICES,
                    help="what is learned per quantized linear: lwc (clipping, OmniQuant), lwc+round (+ rounding "
@@ -50,8 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         ("scale", "Block-AP log-scales"), ("zero", "Block-AP zero points"),
                         ("weight", "Block-AP weights")):
         g = LR_GROUPS[group]
-        p.add_argument(f"--{group}-lr", type=float, default=getattr(D, g.field), help=lr_help.format(what, g.unit, g.rate))
-    p.add_argument("--let-lr", type=float, default=D.let_lr, help="peak learning rate of LET's scales and shifts")
+        names = [f"--{group}-lr"] + (["--lwc_lr"] if group == "lwc" else [])  # the official spelling too
+        p.add_argument(*names, type=float, default=getattr(D, g.field), help=lr_help.format(what, g.unit, g.rate))
+    p.add_argument("--let-lr", "--let_lr", type=float, default=D.let_lr, help="peak learning rate of LET's scales and shifts")
     p.add_argument("--lr-schedule", default=D.lr_schedule, choices=SCHEDULES,
                    help="learning-rate decay over each block's steps: linear / cosine to 0, or constant")
     p.add_argument("--no-keep-best", dest="keep_best", action="store_false",
@@ -62,13 +69,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=D.seed)
     p.add_argument("--device", default=D.device, help="cpu or cuda (bf16 autocast + grad scaler on cuda)")
     p.add_argument("--resume", default=None, metavar="DIR",
-                   help="continue an interrupted run from its state directory (default location: OUTPUT.state)")
+                   help="continue an interrupted run from its state directory (default location: OUTPUT.state; "
+                        "not the official omni_parameters.pth)")
+
+
+class _NotOurs(argparse.Action):
+    """The official --output_dir (its log dir + omni_parameters.pth) means nothing here: refuse it with the mapping."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is the official main.py's log directory, which this tool does not write; the "
+                     "fake-quant checkpoint goes to --output (the official --save_dir), the run state to OUTPUT.state")
 
 
 def run(args: argparse.Namespace) -> int:
-    from omniquant.calibrate import calibrate_checkpoint
+    from omniquant.calibrate import calibrate_checkpoint, resolve_model
 
     settings = {k: getattr(args, k) for k in CalibConfig().to_dict()}
-    out = calibrate_checkpoint(args.model, args.output, overwrite=args.overwrite, resume=args.resume, **settings)
+    model = resolve_model(args.model, args.revision)
+    out = calibrate_checkpoint(model, args.output, overwrite=args.overwrite, resume=args.resume, **settings)
     print(f"wrote fake-quant checkpoint to {out}")
     return 0

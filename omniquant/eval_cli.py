@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from omniquant.errors import UserError
+from omniquant.hub import add_model_arguments, resolve_model
 
 
 def jsonl_task(name: str, path: str | Path) -> dict:
@@ -77,7 +78,7 @@ def evaluate_tasks(model, tokenizer, tasks: list, limit: int | None = None, batc
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="HF or fake-quant checkpoint directory (act quantizers re-attached)")
+    add_model_arguments(p, "HF or fake-quant checkpoint directory (act quantizers re-attached)")
     p.add_argument("--tasks", default="", help="comma-separated lm-eval task names (datasets must be cached locally)")
     p.add_argument("--jsonl-task", action="append", default=[], metavar="NAME=FILE",
                    help="a local multiple-choice JSONL task (repeatable); see `omniquant.eval_cli` for the schema")
@@ -95,9 +96,7 @@ def run(args: argparse.Namespace) -> int:
         tasks.append(jsonl_task(name, file))
     if not tasks:
         raise UserError("give at least one task: --tasks piqa,arc_easy and/or --jsonl-task NAME=FILE")
-    model_dir = Path(args.model)
-    if not (model_dir / "config.json").is_file():
-        raise UserError(f"model path {model_dir} is not a checkpoint directory (no config.json)")
+    model_dir = resolve_model(args.model, args.revision)
     from transformers import AutoTokenizer
 
     from omniquant.load import load_quantized

@@ -8,6 +8,9 @@ scale s [K] (> 0) and, in weight-activation runs, a shift δ [K]:
     v -> o site (v_proj -> attention -> o_proj):          W_v -> diag(1/s) · W_v,  b_v -> b_v / s,
                                                           W_o -> W_o · diag(rep(s))
     q/k scaling:                                          W_q -> diag(1/rep(t)) · W_q,  W_k -> diag(t) · W_k  (biases too)
+    q/k scaling, per-head q/k norms (Qwen3, Gemma 3):     γ_qnorm -> γ_qnorm / t,  γ_knorm -> γ_knorm · t,  t [d]
+
+Norms whose weight acts as (w + c) (Gemma: c = 1, `Adapter.norm_offset`) fold a divisor s as w -> (w + c)/s - c.
 
 Each is exact in full precision: the consumer sees x/s and multiplies by s again. `rep` repeats a KV-head vector
 for the query heads of its group (GQA: query head h reads KV head h // (n_heads / n_kv_heads), HF `repeat_kv`), so
@@ -23,7 +26,9 @@ exactly equivalent model) and the offsets go to the sidecar `act_params.safetens
 
 q/k scaling under RoPE. RoPE rotates channel i of a head together with channel i + d/2 (HF `rotate_half`), so
 R(q/t)·R(k·t) = q·k holds only when t_i = t_{i+d/2}: with `rope` we learn d/2 values per KV head and duplicate them.
-Without RoPE (OPT) every channel is free.
+Without RoPE (OPT) every channel is free. Where q and k pass a per-head RMSNorm before RoPE, a scale on the rows
+of q_proj / k_proj would not survive the norm (RMSNorm(q/t) != RMSNorm(q)/t); the norms' weights, shared by all
+heads, take it instead, so t has d/2 values duplicated onto the rotary pairs and is the same for every head.
 
 Initialisation (SmoothQuant): s = max|X|^α / max|W|^(1-α) per channel (max|W| over all consumers' rows; for v -> o
 both are reduced over each query group onto the KV channel), t = 1, δ = act shift (LayerNorm models) or 0
@@ -62,6 +67,7 @@ class AttnShape:
 
     @classmethod
     def from_config(cls, config) -> "AttnShape":
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
         n_heads = config.num_attention_heads
         n_kv = getattr(config, "num_key_value_heads", None) or n_heads
         d = getattr(config, "head_dim", None) or config.hidden_size // n_heads
@@ -90,9 +96,10 @@ class BlockLET(nn.Module):
         # plain dicts/lists: not registered as submodules, so the block's parameter names stay unique
         self._refs = {"block": block}
         self._q, self._hooks = qlinears, []
-        self._attn, self._rope = attn, adapter.rope
+        self._attn, self._rope, self._norm_offset = attn, adapter.rope, adapter.norm_offset
         self._sites = [s for s in adapter.let_sites if all(n in qlinears for n in s.linears)]
         self._qk = adapter.qk if adapter.qk and all(n in qlinears for n in adapter.qk) else None
+        self._qk_norms = adapter.qk_norms
         for site in self._sites:
             lins = [qlinears[n].linear for n in site.linears]
             if site.kind == "norm":
@@ -118,15 +125,18 @@ class BlockLET(nn.Module):
             k_out = qlinears[self._qk[1]].linear.out_features
             n = k_out // 2 if self._rope else k_out
             self.qk_scale = nn.Parameter(torch.ones(n))
+        elif self._qk_norms is not None:
+            self.qk_scale = nn.Parameter(torch.ones(attn.d // 2 if self._rope else attn.d))
 
     # ---- shared math -------------------------------------------------------------------------------------------
     def _qk_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(t_q [n_heads·d], t_k [n_kv·d]): k rows × t_k, q rows ÷ t_q; pairs (i, i+d/2) tied under RoPE."""
+        """(t_q [n_heads·d], t_k [n_kv·d]): k rows × t_k, q rows ÷ t_q; pairs (i, i+d/2) tied under RoPE.
+        With q/k norms: (t [d], t [d]), one vector for every head."""
         t = clamp_ste(self.qk_scale)
         if self._rope:
-            half = t.reshape(self._attn.n_kv, self._attn.d // 2)
+            half = t.reshape(-1, self._attn.d // 2)
             t = torch.cat([half, half], dim=1).reshape(-1)
-        return self._attn.repeat_kv(t), t
+        return (t, t) if self._qk_norms is not None else (self._attn.repeat_kv(t), t)
 
     def _transforms(self):
         """{linear: (column scale [K] | None, row scale [N] | None, input offset [K] | None)}, norm divisors."""
@@ -154,6 +164,10 @@ class BlockLET(nn.Module):
             qn, kn = self._qk
             row[qn] = row[qn] / t_q if qn in row else 1.0 / t_q
             row[kn] = row[kn] * t_k if kn in row else t_k
+        elif self._qk_norms is not None:
+            t, _ = (t.to(dt) for t in self._qk_vectors())
+            norm_div[self._qk_norms[0]] = t
+            norm_div[self._qk_norms[1]] = 1.0 / t
         return col, row, offset, norm_div
 
     def _set(self, detach: bool) -> dict:
@@ -194,14 +208,17 @@ class BlockLET(nn.Module):
 
     @torch.no_grad()
     def fuse(self) -> None:
-        """Fold for good: norms get γ/s (β/s), QuantLinears' temp weights/biases hold the transformed ones."""
+        """Fold for good: norms get γ/s (β/s; (w + c)/s - c with a norm offset c), QuantLinears' temp weights/biases
+        hold the transformed ones."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
         norm_div = self._set(detach=True)
+        c = self._norm_offset
         for prev, s in norm_div.items():
             norm = self._refs["block"].get_submodule(prev)
-            norm.weight.data.div_(s.to(norm.weight.dtype))
+            w = norm.weight.data
+            w.copy_((w + c) / s.to(w.dtype) - c if c else w / s.to(w.dtype))
             if getattr(norm, "bias", None) is not None:
                 norm.bias.data.div_(s.to(norm.bias.dtype))
 

@@ -8,10 +8,11 @@ import time
 from pathlib import Path
 
 from omniquant.errors import UserError
+from omniquant.hub import add_model_arguments, resolve_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="HF or fake-quant checkpoint dir (torch), or packed weights dir (tvm)")
+    add_model_arguments(p, "HF or fake-quant checkpoint dir (torch), or packed weights dir (tvm)")
     p.add_argument("--data", default="wikitext2", help="text file, folder, comma list, or wikitext2/c4/ptb")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
@@ -25,11 +26,14 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from omniquant.data import load_tokens
-    from omniquant.ppl import perplexity
+    from omniquant.ppl import config_window_bos, perplexity, window_bos, windows
 
-    model_dir = Path(args.model)
-    if not model_dir.is_dir():
-        raise UserError(f"model path {model_dir} does not exist")
+    if args.engine == "torch":
+        model_dir = resolve_model(args.model, args.revision)
+    else:
+        model_dir = Path(args.model)
+        if not model_dir.is_dir():
+            raise UserError(f"--engine tvm: packed weights dir {model_dir} does not exist (make one: omniquant pack)")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokens = load_tokens(tokenizer, args.data, split="eval")
     if tokens.numel() < args.seqlen:
@@ -39,18 +43,22 @@ def run(args: argparse.Namespace) -> int:
         from omniquant.load import load_quantized
 
         model = load_quantized(model_dir)
+        bos = config_window_bos(model.config)
         ppl = perplexity(model, tokens, args.seqlen, args.max_windows)
     else:
         if not args.lib:
             raise UserError("--engine tvm needs --lib (a library from `omniquant compile`)")
         from mlc_schemes.engine import tvm_perplexity
 
+        chat = json.loads((model_dir / "mlc-chat-config.json").read_text())
+        bos = window_bos(chat["model_config"].get("model_type"), chat.get("bos_token_id"))
         ppl = tvm_perplexity(model_dir, args.lib, tokens, args.seqlen, args.max_windows)
-    n_windows = min(tokens.numel() // args.seqlen, args.max_windows or 10**9)
+    n_windows = windows(tokens, args.seqlen, args.max_windows, bos).shape[0]
     result = {"model": str(model_dir), "engine": args.engine, "data": args.data, "seqlen": args.seqlen,
-              "windows": n_windows, "ppl": ppl, "seconds": round(time.time() - t0, 2),
+              "windows": n_windows, "bos_first": bos is not None, "ppl": ppl, "seconds": round(time.time() - t0, 2),
               "torch_threads": torch.get_num_threads()}
-    print(f"perplexity {ppl:.4f}  ({n_windows} windows x {args.seqlen} tokens, engine {args.engine})")
+    print(f"perplexity {ppl:.4f}  ({n_windows} windows x {args.seqlen} tokens{', BOS first' if bos is not None else ''}"
+          f", engine {args.engine})")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0

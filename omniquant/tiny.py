@@ -1,7 +1,11 @@
-"""Write a tiny random-init causal LM (Llama, Qwen2, Mistral or OPT) with a real BPE tokenizer.
+"""Write a tiny random-init causal LM (Llama, Qwen2, Mistral, OPT, Qwen3, Gemma 3) with a real BPE tokenizer.
 
 The sizes are deliberately awkward (hidden 192 and intermediate 320 are multiples of neither 128 nor 10) so the
 group-padding and packing rules are exercised. The tokenizer is a byte-level BPE trained offline on Austen text.
+Qwen3 and Gemma 3 models carry what distinguishes them at a size that shows it: a sliding window of 16 tokens
+(some layers local, some global), head_dim independent of hidden / heads, tied embeddings, norm weights away from
+their init (Gemma's (1 + w)); Gemma's tokenizer puts BOS first and has a Gemma-style chat template. `gemma3` is the
+multimodal Gemma3ForConditionalGeneration with the same text model and a one-layer vision tower.
 """
 
 from __future__ import annotations
@@ -11,11 +15,18 @@ from pathlib import Path
 
 from omniquant.paths import CALIB_BOOKS, austen_dir
 
-ARCHS = ("llama", "qwen2", "mistral", "opt")
+ARCHS = ("llama", "qwen2", "mistral", "opt", "qwen3", "gemma3_text", "gemma3")
 VOCAB = 512
+SLIDING_WINDOW = 16  # tokens seen by a local (sliding-window) layer, including the current one
+# Gemma's turn markup (the template is the shape of Gemma 3's: BOS once, <start_of_turn>role ... <end_of_turn>)
+GEMMA_TURN_TOKENS = ["<start_of_turn>", "<end_of_turn>"]
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
 
 
-def _train_tokenizer(vocab_size: int = VOCAB):
+def _train_tokenizer(vocab_size: int = VOCAB, gemma: bool = False):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -26,27 +37,58 @@ def _train_tokenizer(vocab_size: int = VOCAB):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<s>", "</s>", "<pad>"],
+        special_tokens=["<s>", "</s>", "<pad>"] + (GEMMA_TURN_TOKENS if gemma else []),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator([text[i : i + 10_000] for i in range(0, len(text), 10_000)], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    if not gemma:
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    # Gemma: the tokenizer adds BOS (add_bos_token), a turn ends with <end_of_turn>
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<end_of_turn>", pad_token="<pad>",
+                                  add_bos_token=True)
+    out.chat_template = GEMMA_CHAT_TEMPLATE
+    return out
 
 
 def _config(arch: str, vocab_size: int):
     import transformers as tf
 
     common = dict(vocab_size=vocab_size, max_position_embeddings=1024, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    if arch == "qwen3":  # layer 0 global, layer 1 local (Qwen's max_window_layers rule)
+        return tf.Qwen3Config(
+            hidden_size=192, intermediate_size=320, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+            head_dim=48, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+            tie_word_embeddings=True, use_sliding_window=True, sliding_window=SLIDING_WINDOW, max_window_layers=1,
+            **common,
+        )
+    if arch in ("gemma3_text", "gemma3"):
+        text = tf.Gemma3TextConfig(
+            hidden_size=192, intermediate_size=320, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=32, query_pre_attn_scalar=24, rms_norm_eps=1e-6, sliding_window=SLIDING_WINDOW,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                             "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0}},
+            final_logit_softcapping=30.0 if arch == "gemma3_text" else None, tie_word_embeddings=True,
+            **{**common, "eos_token_id": 4},  # <end_of_turn>: special tokens are <s> </s> <pad> + GEMMA_TURN_TOKENS
+        )
+        if arch == "gemma3_text":
+            return text
+        vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=32, patch_size=8)
+        return tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                               image_token_index=vocab_size + 1, boi_token_index=vocab_size + 2,
+                               eoi_token_index=vocab_size + 3)
     if arch == "opt":
         return tf.OPTConfig(
             hidden_size=192, word_embed_proj_dim=192, ffn_dim=320, num_hidden_layers=2, num_attention_heads=6,
             do_layer_norm_before=True, enable_bias=True, **common,
         )
     cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig}[arch]
+    extra = {"sliding_window": SLIDING_WINDOW} if arch == "mistral" else {}  # Mistral: every layer local
     return cls(
         hidden_size=192, intermediate_size=320, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
-        head_dim=32, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False, **common,
+        head_dim=32, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False, **common, **extra,
     )
 
 
@@ -80,14 +122,16 @@ def make_tiny(path: str | Path, arch: str = "llama", seed: int = 0, train_steps:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     path = Path(path)
     torch.manual_seed(seed)
-    tokenizer = _train_tokenizer()
+    tokenizer = _train_tokenizer(gemma=arch.startswith("gemma"))
     config = _config(arch, len(tokenizer))
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Larger-than-default weights (std 0.08, not 0.02) make the linears, hence their quantization error, matter.
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.08)
+            elif arch in ("qwen3", "gemma3_text", "gemma3") and name.endswith("norm.weight"):
+                p.add_(torch.randn_like(p) * 0.2)  # norm weights away from their init (Gemma scales by 1 + w)
     if train_steps:
         _train(model, tokenizer, train_steps, seed)
     model.save_pretrained(path)

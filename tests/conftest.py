@@ -37,3 +37,28 @@ def trained_llama_dir(tmp_path_factory):
     from omniquant.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny") / "llama_trained", "llama", seed=0, train_steps=80)
+
+
+def _tiny(tmp_path_factory, arch: str):
+    from omniquant.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny") / arch, arch, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory):
+    """Qwen3: q/k head norms, tied embeddings, layer 1 local (sliding window 16), head_dim 48 != 192 / 6."""
+    return _tiny(tmp_path_factory, "qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_text_dir(tmp_path_factory):
+    """Gemma 3 text: (1 + w) norms, 4 per block, local / global layers (window 16, own RoPE bases, linear scaling
+    on the global one), query_pre_attn_scalar 24, final logit soft-capping, BOS-first tokenizer with a template."""
+    return _tiny(tmp_path_factory, "gemma3_text")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_dir(tmp_path_factory):
+    """Multimodal Gemma 3 (Gemma3ForConditionalGeneration) around the same kind of text model."""
+    return _tiny(tmp_path_factory, "gemma3")

@@ -1,7 +1,8 @@
 """LET is an exact equivalence before quantization: float64 logits of the transformed model equal the original's.
 
-Checked on tiny random Llama (GQA: 6 query / 2 KV heads, RoPE) and OPT models, with random scales/shifts at every
-site, both while calibrating (temporary weights + norm hooks) and after fusing (plain transformers reload).
+Checked on tiny random Llama (GQA: 6 query / 2 KV heads, RoPE), OPT, Qwen3 and Gemma 3 (q/k head norms: the q/k
+scale goes into their weights; Gemma's (1 + w) norms; local / global layers) models, with random scales/shifts at
+every site, both while calibrating (temporary weights + norm hooks) and after fusing (plain transformers reload).
 """
 
 from __future__ import annotations
@@ -26,14 +27,26 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(autouse=True)
 def rmsnorm_in_input_dtype(monkeypatch):
-    """HF's LlamaRMSNorm normalises in float32 even for float64 input; that rounding (not LET) would cap the
+    """HF's RMSNorms normalise in float32 even for float64 input; that rounding (not LET) would cap the
     agreement at ~1e-7, so these float64 tests normalise in the input dtype."""
+    from transformers.models.gemma3 import modeling_gemma3
     from transformers.models.llama import modeling_llama
+    from transformers.models.qwen3 import modeling_qwen3
 
     def forward(self, x):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
+    def gemma_forward(self, x):  # Gemma scales by (1 + w)
+        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)) * (1.0 + self.weight)
+
     monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", forward)
+    monkeypatch.setattr(modeling_qwen3.Qwen3RMSNorm, "forward", forward)
+    monkeypatch.setattr(modeling_gemma3.Gemma3RMSNorm, "forward", gemma_forward)
+
+
+def _dirs(request, arch):
+    return request.getfixturevalue({"llama": "tiny_llama_dir", "opt": "tiny_opt_dir", "qwen3": "tiny_qwen3_dir",
+                                    "gemma3_text": "tiny_gemma3_text_dir", "gemma3": "tiny_gemma3_dir"}[arch])
 
 
 def _load64(path):
@@ -102,13 +115,19 @@ def _block_errors(model, adapter, captured) -> list[float]:
     return errs
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt"])
-def test_let_fusion_is_exact_in_float64(arch, tiny_llama_dir, tiny_opt_dir, tmp_path):
+def _random_ids(model, n=2, length=40):
+    """Token ids [n, length] (longer than the tiny models' sliding window of 16)."""
+    vocab = model.config.get_text_config().vocab_size
+    return torch.randint(5, vocab, (n, length), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "qwen3", "gemma3_text", "gemma3"])
+def test_let_fusion_is_exact_in_float64(arch, request, tmp_path):
     """Block outputs (fed the original model's block inputs) and whole-model logits agree to 1e-10 in float64."""
-    path = tiny_llama_dir if arch == "llama" else tiny_opt_dir
+    path = _dirs(request, arch)
     model = _load64(path)
     adapter = get_adapter(model.config.model_type)
-    ids = torch.randint(3, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    ids = _random_ids(model)
     captured, ref = _capture_blocks(model, adapter, ids)
     with torch.no_grad():
         items = _transform_all(model, adapter, torch.Generator().manual_seed(0))
@@ -118,8 +137,13 @@ def test_let_fusion_is_exact_in_float64(arch, tiny_llama_dir, tiny_opt_dir, tmp_
     # the transformation really changed the weights (not a vacuous identity)
     q0 = items[0][1][adapter.linears[0]]
     assert _rel(q0.temp_weight, q0.linear.weight) > 1e-2
+    norms_before = {n: m.weight.detach().clone() for n, m in items[0][0].named_modules() if n.endswith("norm")}
     with torch.no_grad():
         _fuse_plain(items)
+    # every site's norm took its scale: the pre-norms, and the q/k head norms where the q/k scale lives
+    changed = {n for n, w in norms_before.items() if _rel(items[0][0].get_submodule(n).weight.detach(), w) > 1e-3}
+    expected = {s.prev for s in adapter.let_sites if s.kind == "norm"} | set(adapter.qk_norms or ())
+    assert changed == expected, (changed, expected)
     fused = _block_errors(model, adapter, captured)
     assert max(during) < REL, during
     assert max(fused) < REL, fused
@@ -130,6 +154,36 @@ def test_let_fusion_is_exact_in_float64(arch, tiny_llama_dir, tiny_opt_dir, tmp_
     with torch.no_grad():
         assert _rel(reloaded_model(ids).logits, ref) < REL
     assert sorted(reloaded_model.state_dict()) == sorted(_load64(path).state_dict())
+
+
+def _fused_errors(path, adapter, transform_stats=True):
+    """Block errors after fusing random LETs of `adapter` (not necessarily the model's own) into a float64 model."""
+    model = _load64(path)
+    captured, _ = _capture_blocks(model, adapter, _random_ids(model, 1))
+    with torch.no_grad():
+        items = _transform_all(model, adapter, torch.Generator().manual_seed(0), stats=transform_stats)
+        for _, _, let in items:
+            let.apply_temporary()
+        during = _block_errors(model, adapter, captured)
+        _fuse_plain(items)
+    return during, _block_errors(model, adapter, captured)
+
+
+def test_qk_row_scale_does_not_pass_the_head_norms(tiny_qwen3_dir):
+    """Why Qwen3 / Gemma 3 put the q/k scale into q_norm / k_norm: on the rows of q_proj / k_proj (the Llama site)
+    the per-head RMSNorm undoes it and the model changes."""
+    adapter = dataclasses.replace(get_adapter("qwen3"), qk=("self_attn.q_proj", "self_attn.k_proj"), qk_norms=None,
+                                  let_sites=())
+    during, fused = _fused_errors(tiny_qwen3_dir, adapter, transform_stats=False)
+    assert min(during) > 1e-4 and min(fused) > 1e-4
+
+
+def test_gemma_norm_fusion_needs_the_offset(tiny_gemma3_text_dir):
+    """Gemma's norms scale by (1 + w): folding s as w / s (the Llama rule) breaks the fused model, while the
+    temporary (hook) form, which divides the norm's output, is exact either way."""
+    adapter = dataclasses.replace(get_adapter("gemma3_text"), norm_offset=0.0)
+    during, fused = _fused_errors(tiny_gemma3_text_dir, adapter)
+    assert max(during) < REL and min(fused) > 1e-4
 
 
 def test_gqa_v_to_o_scale_is_repeated_per_query_group(tiny_llama_dir):

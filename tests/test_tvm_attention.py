@@ -160,3 +160,72 @@ def test_rope_split_equals_tvms_kernel(scaling, apply_rope):
     for ours, theirs in zip(*outs):
         np.testing.assert_allclose(ours, theirs, atol=2e-3)  # one float16 ulp at |x| ~ 2
     assert (outs[0][2] == qkv[:, H_Q + H_KV:].astype(np.float32)).all()
+
+
+# --- sliding-window (local) layers: mlc_schemes.model.attention_sliding_cpu -----------------------------------------
+def _window(n_keys, offset, rng):
+    """Pages holding a sliding window of n_keys tokens that starts `offset` slots into its first page (TVM's layout
+    after earlier tokens slid out) -> (pages, page ids, length_info [3, 1], k, v)."""
+    npages = math.ceil((offset + n_keys) / PAGE)
+    pool, ids, last, k, v = _paged(npages * PAGE, rng)
+    last = offset + n_keys - (npages - 1) * PAGE
+    info = np.array([[last], [offset], [0]], np.int32)  # last page length, window offset, attention sink
+    return pool, ids, info, k[offset:offset + n_keys], v[offset:offset + n_keys]
+
+
+@pytest.mark.parametrize("n_keys,offset", [(1, 0), (16, 5), (23, 9)])
+def test_sliding_decode_sees_the_window(n_keys, offset):
+    from mlc_schemes.model.attention_sliding_cpu import attention_decode_sliding_cpu
+
+    rng = np.random.default_rng(n_keys)
+    pool, ids, info, k, v = _window(n_keys, offset, rng)
+    q = rng.standard_normal((1, H_Q, D)).astype(np.float16)
+    out, lse = _t(np.zeros((1, H_Q, D), np.float16)), _t(np.zeros((1, H_Q), np.float32))
+    zero = _t(np.zeros(1, np.int32))
+    _compile(attention_decode_sliding_cpu(H_KV, H_Q, D, "float16"))(
+        _t(q), _t(pool), _t(np.array([0, len(ids)], np.int32)), _t(ids), _t(info), zero, zero, out, lse,
+        0, 1.0, 1e4, SM)
+    ref_out, ref_lse = _reference(q, k, v, causal=False)
+    np.testing.assert_allclose(out.numpy(), ref_out, atol=2e-3)
+    np.testing.assert_allclose(lse.numpy(), ref_lse, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [1, 0])
+def test_sliding_prefill_over_the_cached_window(causal):
+    """16 new tokens of a W = 16 layer against a cached window of 16 keys starting mid-page: new token r sees the
+    last W - r - 1 cached keys (its other keys are new tokens: the ragged kernel's part), the last one none (zero
+    output, lse -5e4, where TVM's own kernel gives NaN)."""
+    from mlc_schemes.model.attention_sliding_cpu import attention_prefill_sliding_cpu
+
+    window, n = 16, 16
+    rng = np.random.default_rng(11)
+    pool, ids, info, k, v = _window(window, 7, rng)
+    q = rng.standard_normal((n, H_Q, D)).astype(np.float16)
+    out, lse = _t(np.zeros((n, H_Q, D), np.float16)), _t(np.zeros((n, H_Q), np.float32))
+    _compile(attention_prefill_sliding_cpu(H_KV, H_Q, D, "float16", window))(
+        _t(q), _t(np.array([0, n], np.int32)), _t(pool), _t(np.array([0, len(ids)], np.int32)), _t(ids), _t(info),
+        _t(np.zeros(1, np.int32)), _t(np.zeros(n, np.int32)), out, lse, causal, 0, 1.0, 1e4, SM)
+    got_out, got_lse = out.numpy(), lse.numpy()
+    for r in range(n):
+        vis = max(window - r - 1, 0) if causal else window
+        if vis == 0:
+            assert not got_out[r].any() and (got_lse[r] == -5e4).all()
+            continue
+        ref_out, ref_lse = _reference(q[r:r + 1], k[window - vis:], v[window - vis:], causal=False)
+        np.testing.assert_allclose(got_out[r:r + 1], ref_out, atol=2e-3)
+        np.testing.assert_allclose(got_lse[r:r + 1], ref_lse, atol=1e-5)
+
+
+def test_sliding_patch_wraps_the_cpu_patch_and_is_scoped():
+    from tvm.relax.frontend.nn.llm import kv_cache
+
+    from mlc_schemes.model.attention_sliding_cpu import patched_sliding_attention
+
+    original = kv_cache._attention_prefill_cpu
+    with ac.patched_cpu_attention(), patched_sliding_attention():
+        local = kv_cache._attention_prefill_cpu(H_KV, H_Q, D, "float16", True, {}, sliding_window_size=8)
+        full = kv_cache._attention_prefill_cpu(H_KV, H_Q, D, "float16", False, {})
+    assert kv_cache._attention_prefill_cpu is original
+    # ours run rows in parallel; TVM's serial kernels have no parallel loop
+    assert "sliding_window" in local.script() and "T.parallel" in local.script()
+    assert "sliding_window" not in full.script() and "T.parallel" in full.script()
