@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import capture_block0
 from safetensors.torch import load_file
 
 import omniquant.blockwise as bw
@@ -87,22 +88,8 @@ def test_rounding_offset_moves_a_code_by_at_most_one():
 @pytest.fixture(scope="module")
 def block0(tiny_llama_dir, calib_text):
     """(block 0 of the tiny Llama, its inputs [8, 64, H], kwargs, fp target) for direct train_block calls."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from omniquant.capture import block_forward, capture_block_inputs
-    from omniquant.data import load_tokens, sample_windows
-    from omniquant.models import get_adapter
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    adapter = get_adapter(model.config.model_type)
-    windows = sample_windows(load_tokens(tok, calib_text), 8, 64, seed=0)
-    blocks = adapter.blocks(model)
-    x, kwargs = capture_block_inputs(model, blocks, windows)
-    block = blocks[0].requires_grad_(False)
-    with torch.no_grad():
-        target = torch.cat([block_forward(block, x[i : i + 1], kwargs[0]) for i in range(len(x))])
-    return block, adapter, x, kwargs[0], target
+    adapter, block, x, kwargs, target = capture_block0(tiny_llama_dir, calib_text)
+    return block, adapter, x, kwargs, target
 
 
 def _quantized_block(block0, recipe: str, bits=2, gs=64):
