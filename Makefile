@@ -17,7 +17,7 @@ MODEL_NAME := $(notdir $(patsubst %/,%,$(MODEL)))
 QUANT_DIR  := build/$(MODEL_NAME)-$(SCHEME)
 PACKED     ?= $(shell cat build/LAST_PACKED 2>/dev/null)
 
-.PHONY: help setup test demo tiny quantize ppl pack compile chat bench-quality bench-quality-wa bench-readme bench-decode bench-pack
+.PHONY: help setup test demo tiny quantize ppl pack compile chat tvm-vulkan bench-quality bench-quality-wa bench-readme bench-decode bench-pack
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -52,12 +52,15 @@ pack:  ## pack the last quantized model into MLC's weight format (SCHEME; EMBED=
 LIB_EXT = $(if $(filter metal webgpu,$(TARGET)),tar,so)
 LIB     = build/lib/$(notdir $(PACKED))-$(TARGET).$(LIB_EXT)
 
-compile:  ## compile the last packed model for TARGET (llvm, cuda, metal, webgpu; CUDA_ARCH=sm_90 for H100)
+compile:  ## compile the last packed model for TARGET (llvm, cuda, vulkan, metal, webgpu; CUDA_ARCH=sm_90 for H100)
 	@test -n "$(PACKED)" || { echo "no packed model: run 'make pack' first (or pass PACKED=dir)"; exit 2; }
 	mkdir -p build/lib
 	$(PYTHON) -m omniquant compile --model $(PACKED) --target $(TARGET) --output $(LIB) \
 		$(if $(CUDA_ARCH),--cuda-arch $(CUDA_ARCH))
 	@echo $(LIB) > build/LAST_LIB
+
+tvm-vulkan:  ## build TVM with Vulkan into ~/.cache/omniquant-mlc/tvm-vulkan (once, 2-3 h; TVM_SOURCE=tarball|dir)
+	TVM_SOURCE="$(TVM_SOURCE)" PYTHON=$(PYTHON) tools/build_tvm_vulkan.sh
 
 chat:  ## interactive chat with the last compiled model
 	$(PYTHON) -m omniquant chat --model $(PACKED) --lib $$(cat build/LAST_LIB)

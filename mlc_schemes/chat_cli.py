@@ -22,6 +22,8 @@ from omniquant.errors import UserError
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="packed weights dir (with its tokenizer)")
     p.add_argument("--lib", help="model library from `omniquant compile` (with --random-weights: reuse/keep it)")
+    p.add_argument("--device", default=None, metavar="KIND[:N]",
+                   help="device to run on: cpu, cuda:N or vulkan:N (default: the library's target, index 0)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass when temperature > 0")
@@ -172,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
         if not read_library_meta_if_fits(lib, pm):
             print(f"compiling {args.preset} ({args.scheme}) for {args.target} -> {lib}", file=sys.stderr)
             compile_packed(pm, args.target, lib, arch=args.cuda_arch, dtype=args.dtype)
-        engine = Engine(pm, lib, params=params)
+        engine = Engine(pm, lib, params=params, device=args.device)
         args.evaluate = True
     else:
         if not args.model or not args.lib:
@@ -184,13 +186,15 @@ def run(args: argparse.Namespace) -> int:
         if read_library_meta(args.lib)["target"] == "llvm" and "tvm" not in sys.modules:
             # running a CPU library needs only TVM's runtime: ~110 MiB less resident memory than the compiler
             os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
-        engine = Engine(args.model, args.lib)
+        engine = Engine(args.model, args.lib, device=args.device)
     if args.evaluate:
         res = _evaluate(engine, args.eval_prompt_len, args.eval_gen_len, args.seed)
         res["threads"] = os.environ.get("TVM_NUM_THREADS", str(os.cpu_count()))
         print(f"prefill {res['prefill_tok_per_s']} tok/s, decode {res['decode_tok_per_s']} tok/s, "
               f"peak RSS {res['peak_rss_mib']} MiB" + (f", cuda used {res.get('cuda_used_mib')} MiB"
-                                                        if res["target"] == "cuda" else ""))
+                                                        if res["target"] == "cuda" else "")
+              + (f", vulkan {res.get('vulkan_device')}: used {res.get('vulkan_used_mib')} of "
+                 f"{res.get('vulkan_total_mib')} MiB" if res["target"] == "vulkan" else ""))
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=2))
         return 0

@@ -1,6 +1,6 @@
-"""Compile a packed weights dir (docs/formats.md §2) into a model library for llvm / cuda / metal / webgpu.
+"""Compile a packed weights dir (docs/formats.md §2) into a model library for llvm / cuda / vulkan / metal / webgpu.
 
-Output: the library file (`.so` for llvm and cuda, `.tar` of objects for metal and webgpu) plus a side file
+Output: the library file (`.so` for llvm, cuda and vulkan, `.tar` of objects for metal and webgpu) plus a side file
 `<library>.json` holding the fingerprint (sha256 of model_config + scheme + parameter names/shapes/dtypes), the
 target and the compute dtype; `mlc_schemes.engine` checks the fingerprint against the weights dir at load.
 Both files are written to temporary siblings and renamed into place.
@@ -19,7 +19,7 @@ from omniquant.errors import UserError
 
 TARGETS = ("llvm", "cuda", "metal", "webgpu", "vulkan")
 CUDA_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
-LIB_SUFFIX = {"llvm": ".so", "cuda": ".so", "metal": ".tar", "webgpu": ".tar"}
+LIB_SUFFIX = {"llvm": ".so", "cuda": ".so", "vulkan": ".so", "metal": ".tar", "webgpu": ".tar"}
 CHAT_CONFIG = "mlc-chat-config.json"
 TENSOR_CACHE = "tensor-cache.json"
 META_SUFFIX = ".json"
@@ -92,11 +92,8 @@ def make_target(kind: str, arch: str = "sm_80"):
     """A tvm Target for `kind` (dict form; TVM 0.27 rejects option strings)."""
     import tvm
 
-    if kind == "vulkan":
-        raise UserError("target vulkan: this TVM build (apache-tvm 0.27.0.post1 from PyPI) has no Vulkan codegen "
-                        "(target.build.vulkan is missing); use cuda, metal, webgpu or llvm")
     if kind not in LIB_SUFFIX:
-        raise UserError(f"unsupported target {kind!r}; choose one of {', '.join(t for t in TARGETS if t != 'vulkan')}")
+        raise UserError(f"unsupported target {kind!r}; choose one of {', '.join(TARGETS)}")
     if kind == "llvm":
         return tvm.target.Target({"kind": "llvm", "mcpu": host_cpu()})
     # Device libraries run on other machines: a generic host CPU, never this machine's.
@@ -104,6 +101,12 @@ def make_target(kind: str, arch: str = "sm_80"):
         if arch not in CUDA_ARCHS:
             raise UserError(f"unsupported cuda arch {arch!r}; choose one of {', '.join(CUDA_ARCHS)}")
         return tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "llvm"})
+    if kind == "vulkan":
+        from mlc_schemes.tvm_vulkan import VULKAN_TARGET, how_to_get, tvm_has_vulkan
+
+        if not tvm_has_vulkan(codegen=True):
+            raise UserError(how_to_get("--target vulkan"))
+        return tvm.target.Target(VULKAN_TARGET, host={"kind": "llvm"})
     if kind == "metal":
         return tvm.target.Target({"kind": "metal"}, host={"kind": "llvm", "mtriple": "arm64-apple-macos"})
     return tvm.target.Target({"kind": "webgpu"}, host={"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"})

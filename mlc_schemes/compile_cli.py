@@ -1,8 +1,9 @@
-"""Compile a packed weights dir into a TVM model library: `.so` (llvm, cuda) or `.tar` of objects (metal, webgpu).
+"""Compile a packed weights dir into a TVM model library: `.so` (llvm, cuda, vulkan) or `.tar` of objects (metal, webgpu).
 
 llvm targets this machine's CPU (its `mcpu`); cuda builds for `--cuda-arch` (sm_80 default, sm_90 for Hopper) and
 embeds nvcc-compiled cubins when nvcc is on PATH (else CUDA source compiled by NVRTC at load); metal writes
-arm64-macOS objects for a Mac to link; webgpu writes WGSL. A `<library>.json` beside the library holds the
+arm64-macOS objects for a Mac to link; webgpu writes WGSL; vulkan embeds SPIR-V for any Vulkan 1.1+ device with
+float16 and 16-bit storage (needs the Vulkan TVM from `make tvm-vulkan`, which omniquant then uses by itself). A `<library>.json` beside the library holds the
 fingerprint the runtime checks against the weights dir.
 """
 
@@ -16,9 +17,9 @@ from omniquant.errors import UserError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="packed weights dir (output of `omniquant pack`)")
-    p.add_argument("--target", default="llvm", help="llvm (this CPU), cuda, metal or webgpu (vulkan: unsupported)")
+    p.add_argument("--target", default="llvm", help="llvm (this CPU), cuda, vulkan, metal or webgpu")
     p.add_argument("--output", required=True,
-                   help="library path: .so for llvm/cuda, .tar for metal/webgpu (a .json sidecar is written beside)")
+                   help="library path: .so for llvm/cuda/vulkan, .tar for metal/webgpu (a .json sidecar is written beside)")
     p.add_argument("--cuda-arch", default="sm_80", help="cuda only: sm_80 (A100, default), sm_86, sm_89, sm_90 (H100)")
     p.add_argument("--dtype", choices=("float16", "float32"), default=None,
                    help="compute dtype: float16 (deployment default) or float32 (exact mode, matches torch fp32)")
@@ -30,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     target = args.target.lower()
     if target not in TARGETS:
-        raise UserError(f"unsupported target {args.target!r}; choose one of llvm, cuda, metal, webgpu")
+        raise UserError(f"unsupported target {args.target!r}; choose one of {', '.join(TARGETS)}")
     if not Path(args.model).is_dir():
         raise UserError(f"packed weights dir {args.model} does not exist")
     out = Path(args.output)

@@ -86,25 +86,55 @@ def _load_cuda_runtime() -> str | None:
     return None
 
 
-def _device_for(meta: dict):
+def parse_device(spec: str | None, target: str) -> tuple[str, int]:
+    """`--device` text ('cpu', 'cuda:1', 'vulkan', 'vulkan:0'; None = the library's own kind, index 0) ->
+    (kind, index). The kind must be the one the library was compiled for."""
+    kind_of = {"llvm": "cpu", "cuda": "cuda", "vulkan": "vulkan"}
+    want = kind_of.get(target, target)
+    if not spec:
+        return want, 0
+    kind, _, idx = spec.lower().partition(":")
+    kind = {"llvm": "cpu"}.get(kind, kind)
+    if not (idx or "0").isdigit():
+        raise UserError(f"--device {spec}: expected KIND or KIND:INDEX, e.g. vulkan:0")
+    if kind != want:
+        raise UserError(f"--device {spec}: this library was compiled for {target}; it runs on {want} devices only")
+    return kind, int(idx or 0)
+
+
+def _device_for(meta: dict, spec: str | None = None):
     import tvm
 
-    kind = meta["target"]
-    if kind == "llvm":
-        return tvm.cpu(0)
+    kind, idx = parse_device(spec, meta["target"])
+    if kind == "cpu":
+        return tvm.cpu(idx)
     if kind == "cuda":
         why = _load_cuda_runtime()
         try:
-            dev = tvm.cuda(0)
+            dev = tvm.cuda(idx)
             ok = dev.exist
         except Exception:  # noqa: BLE001 - a runtime without libcuda raises instead of answering False
             ok = False
         if not ok:
-            raise UserError("this library was compiled for cuda, but no CUDA GPU (or CUDA driver) is available here"
-                            + (f" ({why})" if why else "") + "; compile with --target llvm to run on the CPU")
+            raise UserError(f"this library was compiled for cuda, but no CUDA GPU {idx} (or CUDA driver) is available "
+                            "here" + (f" ({why})" if why else "") + "; compile with --target llvm to run on the CPU")
         return dev
-    raise UserError(f"a {kind} library cannot be run by this engine (it is built for another machine); "
-                    "the engine runs llvm and cuda libraries")
+    if kind == "vulkan":
+        from mlc_schemes.tvm_vulkan import how_to_get, tvm_has_vulkan
+
+        if not tvm_has_vulkan(codegen=False):
+            raise UserError(how_to_get("running a vulkan library"))
+        try:
+            ok = tvm.vulkan(idx).exist
+        except Exception:  # noqa: BLE001 - no loader / no ICD raises
+            ok = False
+        if not ok:
+            raise UserError(f"this library was compiled for vulkan, but Vulkan device {idx} is not available here "
+                            "(no GPU driver; on a machine without a GPU, Mesa's lavapipe is a Vulkan device on the "
+                            "CPU: apt install mesa-vulkan-drivers; `vulkaninfo --summary` lists the devices)")
+        return tvm.vulkan(idx)
+    raise UserError(f"a {meta['target']} library cannot be run by this engine (it is built for another machine); "
+                    "the engine runs llvm, cuda and vulkan libraries")
 
 
 def _install_cubin_hook(lib_path: Path, meta: dict) -> None:
@@ -131,13 +161,12 @@ class Engine:
     """A loaded model: VM, parameters on the device, tokenizer, one sequence in a paged KV cache."""
 
     def __init__(self, model_dir: str | Path, lib_path: str | Path, *, verify: bool = True,
-                 params: dict[str, np.ndarray] | None = None):
+                 params: dict[str, np.ndarray] | None = None, device: str | None = None):
+        # runtime-only imports: they work with TVM_USE_RUNTIME_LIB=1
         import tvm
-        from tvm.runtime.vm import VirtualMachine  # runtime-only import: works with TVM_USE_RUNTIME_LIB=1
+        from tvm.runtime.vm import VirtualMachine
 
-        from mlc_schemes.compile import fingerprint, read_packed_model
-
-        from mlc_schemes.compile import PackedModel
+        from mlc_schemes.compile import PackedModel, fingerprint, read_packed_model
 
         pm = model_dir if isinstance(model_dir, PackedModel) else read_packed_model(model_dir)
         self.model_dir, self.lib_path = Path(pm.path), Path(lib_path)
@@ -148,7 +177,7 @@ class Engine:
                             f"weights {fingerprint(pm)[:12]}); recompile it for these weights")
         self.chat = pm.chat
         self.dtype = self.meta["dtype"]
-        self.device = _device_for(self.meta)
+        self.device = _device_for(self.meta, device)
         if params is None:
             from mlc_schemes.weights_dir import read_tensor_cache
 
@@ -289,7 +318,9 @@ class Engine:
         self.stats = Stats()
 
     def memory_report(self) -> dict:
-        """Peak process RSS (CPU); on CUDA also the device memory in use."""
+        """Peak process RSS (CPU); on CUDA also the device memory in use; on Vulkan the device's total memory and,
+        where the driver tells (VK_EXT_memory_budget), the memory in use. On lavapipe device memory is host memory,
+        so the RSS includes the weights and the KV cache."""
         rep = {"peak_rss_mib": round(peak_rss_mib(), 1)}
         if self.meta["target"] == "cuda":
             try:
@@ -299,6 +330,11 @@ class Engine:
                 rep["cuda_used_mib"] = round((total - free) / 2**20, 1)  # device-wide, read after the run
             except Exception:  # noqa: BLE001 - cuda-bindings absent: report RSS only
                 rep["cuda_used_mib"] = None
+        if self.meta["target"] == "vulkan":
+            total, avail = self.device.total_global_memory, self.device.available_global_memory
+            rep["vulkan_device"] = self.device.device_name
+            rep["vulkan_total_mib"] = round(total / 2**20, 1) if total else None
+            rep["vulkan_used_mib"] = round((total - avail) / 2**20, 1) if total and avail is not None else None
         return rep
 
 
@@ -318,13 +354,14 @@ def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.
     return int(rng.choice(p.size, p=p))
 
 
-def tvm_perplexity(model_dir, lib_path, tokens, seqlen: int, max_windows: int | None = None) -> float:
+def tvm_perplexity(model_dir, lib_path, tokens, seqlen: int, max_windows: int | None = None,
+                   device: str | None = None) -> float:
     """Perplexity through the compiled model; same windows and NLL as `omniquant.ppl.perplexity`."""
     import torch
 
     from omniquant.ppl import from_nlls, window_bos, window_nlls
 
-    eng = Engine(model_dir, lib_path)
+    eng = Engine(model_dir, lib_path, device=device)
     if seqlen > eng.context:
         raise UserError(f"seqlen {seqlen} exceeds the model's context window {eng.context}")
     mc = eng.chat["model_config"]

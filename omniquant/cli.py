@@ -46,6 +46,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
+    if command in ("compile", "chat", "ppl"):
+        from mlc_schemes.tvm_vulkan import hand_over
+
+        hand_over(argv)  # returns unless this command needs Vulkan and the Vulkan TVM is built
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     try:
         return int(args._module.run(args) or 0)

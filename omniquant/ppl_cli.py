@@ -18,6 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--engine", choices=("torch", "tvm"), default="torch")
     p.add_argument("--lib", default=None, help="compiled model library (engine tvm)")
+    p.add_argument("--device", default=None, metavar="KIND[:N]",
+                   help="engine tvm: cpu, cuda:N or vulkan:N (default: the library's target, index 0)")
     p.add_argument("--json", default=None, help="write the result here as JSON")
 
 
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
         chat = json.loads((model_dir / "mlc-chat-config.json").read_text())
         bos = window_bos(chat["model_config"].get("model_type"), chat.get("bos_token_id"))
-        ppl = tvm_perplexity(model_dir, args.lib, tokens, args.seqlen, args.max_windows)
+        ppl = tvm_perplexity(model_dir, args.lib, tokens, args.seqlen, args.max_windows, device=args.device)
     n_windows = windows(tokens, args.seqlen, args.max_windows, bos).shape[0]
     result = {"model": str(model_dir), "engine": args.engine, "data": args.data, "seqlen": args.seqlen,
               "windows": n_windows, "bos_first": bos is not None, "ppl": ppl, "seconds": round(time.time() - t0, 2),
