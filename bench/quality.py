@@ -63,7 +63,7 @@ FULL = RunConfig(n_calib=128, calib_seqlen=2048, n_eval=None, eval_seqlen=2048, 
                  lwc_lr=None, autoround_iters=200, autoround_batch=8, wa_epochs=20)
 # g64 (576 = 9 x 64): every peer quantizes every linear, so GPTQ and AWQ are compared fully quantized too
 DEFAULT_SETTINGS = ("w4g128", "w3g128", "w2g128", "w4g64", "w3g64", "w2g64")
-QUICK_METHODS = ("rtn", *OURS, "omniquant-small", "gptq", "gptqmodel", "awq", "hqq", "autoround",
+QUICK_METHODS = ("rtn", *OURS, "omniquant-small", "gptq", "awq", "hqq", "autoround",
                  "smoothquant")  # each where it has a recipe
 
 
