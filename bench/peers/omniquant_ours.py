@@ -52,10 +52,10 @@ def main() -> None:
     ours = sample_windows(load_tokens(tok, args.calib_data), n, seqlen, args.seed)
     if not torch.equal(ours, windows):
         sys.exit("calibrate_checkpoint would draw different calibration windows than the shared file")
-    settings = dict(recipe=args.recipe, epochs=args.epochs, batch_size=args.batch_size, lwc_lr=args.lwc_lr,
-                    nsamples=n, seqlen=seqlen, seed=args.seed)
+    settings = {"recipe": args.recipe, "epochs": args.epochs, "batch_size": args.batch_size, "lwc_lr": args.lwc_lr,
+                "nsamples": n, "seqlen": seqlen, "seed": args.seed}
     if args.cli_defaults:  # only what a new user types: everything else (seed, batch size, rates) is the default
-        settings = dict(recipe=args.recipe, epochs=2, nsamples=16, seqlen=256)
+        settings = {"recipe": args.recipe, "epochs": 2, "nsamples": 16, "seqlen": 256}
     base = load_model(args.model)
     fp_loss0 = window_loss(base, windows[0])
     names = list(quantizable_linears(base))
