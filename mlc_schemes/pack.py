@@ -1,8 +1,12 @@
 """Fake-quant checkpoint (docs/formats.md §1) -> packed MLC weights directory (docs/formats.md §2).
 
 Integer codes come from the calibration's sidecar (`quant_params.safetensors`: scales float32 [N, G], zeros int32
-[N, G]) and are checked to reproduce the fake-quant weights bit for bit before anything is written. Non-quantized
-tensors (norms, embeddings, biases, lm_head) are stored float16 under their HF names.
+[N, G], and `codes` uint8 [N, K] where the stored dtype cannot hold them): recovered from each stored weight
+(float16 / bfloat16 / float32) as z + rint(w / s) and checked to reproduce it bit for bit (the stored weight is the
+float32 grid value (q - z) * s rounded once to its dtype, docs/formats.md §1) before anything is written.
+Non-quantized tensors (norms, embeddings, biases, lm_head) are stored float16 under their HF names. The checkpoint
+is read shard by shard, one tensor at a time, and the output is streamed into 32 MB shards: memory follows the
+largest tensor, not the model.
 
 Optionally (`embedding_scheme`) the token embedding [V, H] and an untied lm_head [V, H] are round-to-nearest
 quantized with a second scheme at pack time, stored like a quantized linear (`model.embed_tokens.q_weight`, ...)
@@ -19,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from mlc_schemes.chat_config import build_chat_config, copy_tokenizer
-from mlc_schemes.packing import codes_from_fakequant, pack_codes
+from mlc_schemes.packing import pack_codes
 from mlc_schemes.schemes import QuantScheme, get_scheme
 from mlc_schemes.weights_dir import CHAT_CONFIG, write_tensor_cache
 from omniquant.atomic import atomic_dir
@@ -38,36 +42,6 @@ def _read_json(path: Path, what: str) -> dict:
         raise UserError(f"{path} is not valid JSON: {e}") from None
 
 
-class _SafetensorsDir:
-    """Lazy access to the tensors of a `save_pretrained` directory (single file or sharded with an index)."""
-
-    def __init__(self, directory: Path):
-        from safetensors import safe_open
-
-        index = directory / "model.safetensors.index.json"
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        elif (directory / "model.safetensors").is_file():
-            files = ["model.safetensors"]
-        else:
-            raise UserError(f"no model.safetensors in {directory}")
-        self._handles = [safe_open(directory / f, framework="pt") for f in files]
-        self.where = {name: h for h in self._handles for name in h.keys()}
-
-    def names(self) -> list[str]:
-        return list(self.where)
-
-    def shape(self, name: str) -> list[int]:
-        return list(self.where[name].get_slice(name).get_shape())
-
-    def get(self, name: str) -> np.ndarray:
-        """The tensor as float32 numpy (bf16 / fp16 checkpoints are widened exactly)."""
-        import torch
-
-        t = self.where[name].get_tensor(name)
-        return t.to(torch.float32).numpy() if t.is_floating_point() else t.numpy()
-
-
 def check_compatible(quant_config: dict, scheme: QuantScheme) -> None:
     """The scheme must store exactly what the calibration produced: same bits, group size and symmetry."""
     got = (quant_config.get("wbits"), quant_config.get("group_size"), bool(quant_config.get("symmetric")))
@@ -84,47 +58,97 @@ def check_compatible(quant_config: dict, scheme: QuantScheme) -> None:
                             f"calibrated with {what} quantized to {quant_config[key]} bits")
 
 
+ROWS = 1024  # rows of a weight handled at a time (bounded temporaries for [32000, 8192] embeddings too)
+
+
 def linear_params(name: str, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None,
                   scheme: QuantScheme) -> Iterator[tuple[str, np.ndarray]]:
     """Stored tensors of one quantized linear from its integer codes [N, K] and scales / zeros [N, G]:
     `<name>.q_weight` uint32 [N, ceil(K / epw)], `<name>.q_scale` fp16 and (asymmetric) `<name>.q_zero` fp16."""
-    yield f"{name}.q_weight", pack_codes(codes, scheme.bits)
+    codes = np.asarray(codes)
+    # row blocks: pack_codes widens to uint32 and shifts, several copies of its input
+    q_weight = np.concatenate([pack_codes(codes[r:r + ROWS], scheme.bits) for r in range(0, codes.shape[0], ROWS)])
+    yield from _packed(name, q_weight, scales, zeros, scheme)
+
+
+def _packed(name: str, q_weight: np.ndarray, scales, zeros, scheme: QuantScheme) -> Iterator[tuple[str, np.ndarray]]:
+    yield f"{name}.q_weight", q_weight
     yield f"{name}.q_scale", np.asarray(scales).astype(np.float16)
     if scheme.stores_zero:
         yield f"{name}.q_zero", np.asarray(zeros).astype(np.float16)
 
 
-def _fakequant_linear(name: str, weight: np.ndarray, scales: np.ndarray, zeros: np.ndarray,
-                      scheme: QuantScheme) -> Iterator[tuple[str, np.ndarray]]:
-    """Codes of a fake-quant weight from its sidecar grid (checked exact), then packed."""
-    k = weight.shape[1]
+def _quantized_linear(name: str, stored, scales, zeros, codes, scheme: QuantScheme
+                      ) -> Iterator[tuple[str, np.ndarray]]:
+    """Packed tensors of one quantized linear from its stored weight (torch, any float dtype) and sidecar entries
+    (numpy or torch; `codes` None: recovered from the weight), after checking that they reproduce it exactly."""
+    import torch
+
+    from omniquant.quant.codes import recover_codes, stored_weight
+
+    n, k = stored.shape
+    gw = scheme.group_width(k)
+    scales, zeros = torch.as_tensor(np.asarray(scales)), torch.as_tensor(np.asarray(zeros))
+    out = np.empty((n, k), np.uint8)  # codes (< 2^8), row block by row block
     try:
-        codes = codes_from_fakequant(weight, scales, zeros, scheme.bits, scheme.group_width(k), scheme.qmax)
-        if scheme.fixed_zero is not None and np.any(zeros != scheme.fixed_zero):
+        if scales.shape != (n, -(-k // gw)) or zeros.shape != scales.shape:
+            raise ValueError(f"scales {tuple(scales.shape)} / zeros {tuple(zeros.shape)} do not match weight "
+                             f"{list(stored.shape)} with group size {gw}")
+        if not torch.isfinite(scales).all() or (scales <= 0).any():
+            raise ValueError("scales must be finite and positive")
+        if not torch.equal(scales.half().float(), scales.float()):
+            raise ValueError("scales are not exactly representable in float16")
+        if (zeros < 0).any() or (zeros > scheme.qmax).any():
+            raise ValueError(f"zeros must be integers in [0, {scheme.qmax}]")
+        if scheme.fixed_zero is not None and (zeros != scheme.fixed_zero).any():
             raise ValueError(f"symmetric scheme needs every zero = {scheme.fixed_zero}")
+        if codes is not None and tuple(codes.shape) != (n, k):
+            raise ValueError(f"sidecar codes {tuple(codes.shape)} do not fit weight {list(stored.shape)}")
+        for r in range(0, n, ROWS):
+            rows = slice(r, r + ROWS)
+            if codes is None:
+                c = recover_codes(stored[rows], scales[rows], zeros[rows], scheme.bits, gw, scheme.symmetric)
+            else:
+                c = torch.as_tensor(np.asarray(codes[rows])).to(torch.int32)
+                if (c > scheme.qmax).any() or not torch.equal(
+                        stored_weight(c, scales[rows], zeros[rows], gw, stored.dtype), stored[rows]):
+                    raise ValueError("the sidecar's codes do not reproduce the stored weights")
+            out[rows] = c.numpy()
     except ValueError as e:
         raise UserError(f"sidecar inconsistent with the weights of {name}: {e}") from None
-    yield from linear_params(name, codes, scales, zeros, scheme)
+    yield from linear_params(name, out, scales.numpy(), zeros.numpy(), scheme)
 
 
 EMBEDDING_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
-def _rtn_linear(name: str, weight: np.ndarray, scheme: QuantScheme) -> Iterator[tuple[str, np.ndarray]]:
-    """Round-to-nearest codes of a float weight [N, K] under `scheme` (the calibration's quantizer without LWC:
-    same fp16-exact scales, zero and ragged-group rule), packed."""
+def _rtn_linear(name: str, weight, scheme: QuantScheme) -> Iterator[tuple[str, np.ndarray]]:
+    """Round-to-nearest codes of a float weight [N, K] (torch, any float dtype) under `scheme` (the calibration's
+    quantizer without LWC: same fp16-exact scales, zero and ragged-group rule), packed."""
     import torch
 
     from omniquant.quant.lwc import LWCQuantizer
     from omniquant.quant.spec import WeightQuantSpec
 
     spec = WeightQuantSpec(scheme.bits, scheme.group_size, scheme.symmetric)
-    w_fq, scales, zeros = LWCQuantizer(weight.shape, spec, lwc=False).export(torch.from_numpy(weight))
-    yield from _fakequant_linear(name, w_fq.numpy(), scales.numpy(), zeros.numpy(), scheme)
+    weight = torch.as_tensor(weight)
+    n, k = weight.shape
+    quant = LWCQuantizer((ROWS, k), spec, lwc=False)
+    words, scales, zeros = [], [], []
+    for r in range(0, n, ROWS):  # rows are quantized independently: a row block at a time bounds the temporaries
+        w_fq, s, z = quant.export(weight[r:r + ROWS].float())
+        params = dict(_quantized_linear(name, w_fq, s, z, None, scheme))
+        words.append(params[f"{name}.q_weight"])
+        scales.append(s)
+        zeros.append(z)
+    yield from _packed(name, np.concatenate(words), torch.cat(scales).numpy(), torch.cat(zeros).numpy(), scheme)
 
 
-def to_float16(name: str, arr: np.ndarray) -> np.ndarray:
-    """A non-quantized tensor as stored (float16); UserError when finite values overflow float16."""
+def to_float16(name: str, arr) -> np.ndarray:
+    """A non-quantized tensor (numpy, or torch of any float dtype) as stored (float16); UserError when finite values
+    overflow float16."""
+    if not isinstance(arr, np.ndarray):
+        arr = arr.float().numpy()
     half = np.asarray(arr).astype(np.float16)
     if np.isfinite(arr).all() and not np.isfinite(half).all():
         raise UserError(f"{name} overflows float16 (max |x| {np.abs(arr).max():.3g})")
@@ -165,8 +189,10 @@ def pack_checkpoint(fakequant_dir: str | Path, scheme_name: str, output_dir: str
     Tensors are stored under the names the architecture's model reads (`source_view`: e.g. the text model of a
     multimodal Gemma 3, whose vision tower is not packed).
     """
-    from safetensors import safe_open
     from tqdm import tqdm
+
+    from omniquant.heap import release_freed_memory
+    from omniquant.safetensors_io import SafetensorsDir
 
     src, output_dir = Path(fakequant_dir), Path(output_dir)
     scheme = get_scheme(scheme_name)
@@ -180,14 +206,15 @@ def pack_checkpoint(fakequant_dir: str | Path, scheme_name: str, output_dir: str
         raise UserError(f"quantization sidecar missing: {src / QUANT_PARAMS}")
     check_compatible(qconfig, scheme)
 
-    weights = _SafetensorsDir(src)
-    sidecar = safe_open(src / QUANT_PARAMS, framework="np")
+    weights = SafetensorsDir(src)
+    sidecar = SafetensorsDir(src, stem=QUANT_PARAMS.removesuffix(".safetensors"))
     linears = list(qconfig.get("quantized_linears") or [])
-    side_names = set(sidecar.keys())
+    side_names = set(sidecar.names())
     expected = {f"{n}.{p}" for n in linears for p in ("scales", "zeros")}
+    with_codes = {n for n in linears if f"{n}.codes" in side_names}
     if missing := sorted(expected - side_names):
         raise UserError(f"sidecar lacks {len(missing)} tensors, e.g. {missing[0]}")
-    if extra := sorted(side_names - expected):
+    if extra := sorted(side_names - expected - {f"{n}.codes" for n in with_codes}):
         raise UserError(f"sidecar has tensors for linears not listed in {QUANT_CONFIG}, e.g. {extra[0]}")
     # Names are compared as deployed (the architecture's source view: a multimodal model keeps its text model, and
     # the sidecar's module names may differ from the names transformers writes to disk).
@@ -207,16 +234,23 @@ def pack_checkpoint(fakequant_dir: str | Path, scheme_name: str, output_dir: str
         raise UserError(f"--embedding-scheme {embed_scheme.name}: the checkpoint has no {EMBEDDING_TENSORS[0]}")
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
-        for name, dname in tqdm(deployed.items(), desc=f"pack {scheme.name}", unit="tensor", disable=not progress):
-            arr = weights.get(name)
-            if dname in quantized:
-                lin = quantized[dname]
-                yield from _fakequant_linear(dname.removesuffix(".weight"), arr, sidecar.get_tensor(f"{lin}.scales"),
-                                             sidecar.get_tensor(f"{lin}.zeros"), scheme)
-            elif embed_scheme is not None and dname.removesuffix(".weight") in embedded:
-                yield from _rtn_linear(dname.removesuffix(".weight"), arr, embed_scheme)
-            else:
-                yield dname, to_float16(dname, arr)
+        bar = tqdm(total=len(deployed), desc=f"pack {scheme.name}", unit="tensor", disable=not progress)
+        for _file, in_file in weights.by_file(deployed):  # shard by shard, one tensor at a time
+            for name in in_file:
+                dname, t = deployed[name], weights.get(name)
+                if dname in quantized:
+                    lin = quantized[dname]
+                    codes = sidecar.get(f"{lin}.codes") if lin in with_codes else None
+                    yield from _quantized_linear(dname.removesuffix(".weight"), t, sidecar.get(f"{lin}.scales"),
+                                                 sidecar.get(f"{lin}.zeros"), codes, scheme)
+                elif embed_scheme is not None and dname.removesuffix(".weight") in embedded:
+                    yield from _rtn_linear(dname.removesuffix(".weight"), t, embed_scheme)
+                else:
+                    yield dname, to_float16(dname, t)
+                del t
+                release_freed_memory()  # the row-block temporaries' heap pages (omniquant/heap.py)
+                bar.update(1)
+        bar.close()
 
     return write_packed_model(output_dir, hf_config, scheme, tensors(), shapes, lambda: int(logical), src,
                               calibration=qconfig, embedding=(embed_scheme, embedded) if embed_scheme else None)

@@ -1,7 +1,10 @@
 """Read a packed weights directory back: verified numpy params, dequantized HF state dict, and an HF model.
 
-`unpack_to_hf(dir)` proves the chain without TVM: its quantized linears are bit-identical to the fake-quant
-checkpoint's; the other tensors went through float16 (exactly the fake-quant model with those rounded to fp16).
+`unpack_to_hf(dir)` proves the chain without TVM. Its quantized linears hold the exact grid values (q - z) * s
+(float32), which the fake-quant checkpoint stores rounded once to its dtype (docs/formats.md §1): with
+`dtype="source"` they are rounded the same way and equal the checkpoint's bit for bit. The other tensors went
+through float16. It reads the packed directory shard by shard and builds the model on the meta device, so memory is
+the model in `dtype` plus one shard.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import numpy as np
 from mlc_schemes.chat_config import hf_config_from_model_config
 from mlc_schemes.packing import dequantize, unpack_codes
 from mlc_schemes.schemes import QuantScheme, scheme_from_json
-from mlc_schemes.weights_dir import CHAT_CONFIG, read_tensor_cache
+from mlc_schemes.weights_dir import CHAT_CONFIG, iter_tensor_cache, read_tensor_cache
 from omniquant.errors import UserError
 
 
@@ -82,19 +85,77 @@ def dequantized_state_dict(chat_config: dict, params: dict[str, np.ndarray]) -> 
     return state
 
 
-def unpack_to_hf(directory: str | Path, verify: bool = True):
-    """A float32 `transformers` causal LM rebuilt from a packed directory (eval mode)."""
+def iter_hf_tensors(directory: str | Path, verify: bool = True):
+    """(mlc-chat-config, iterator of (HF name, float32 numpy array)) of a packed directory, read shard by shard; a
+    quantized tensor is dequantized once all its parts (which may straddle shards) were read, after the same
+    dtype / shape checks as `load_packed`."""
+    directory = Path(directory)
+    cfg_path = directory / CHAT_CONFIG
+    if not cfg_path.is_file():
+        raise UserError(f"{directory} is not a packed weights directory (no {CHAT_CONFIG})")
+    chat_config = json.loads(cfg_path.read_text())
+    groups = [(scheme_of(chat_config), chat_config["quantization_config"].get("quantized_linears", {}))]
+    if (emb := embedding_quantization(chat_config)) is not None:
+        groups.append(emb)
+    owner = {}  # stored param name -> (scheme, linear name, [N, K])
+    for scheme, names in groups:
+        parts = ("q_weight", "q_scale") + (("q_zero",) if scheme.stores_zero else ())
+        for name, shape in names.items():
+            for part in parts:
+                owner[f"{name}.{part}"] = (scheme, name, shape, len(parts))
+
+    def tensors():
+        pending: dict[str, dict[str, np.ndarray]] = {}
+        for shard in iter_tensor_cache(directory, verify):
+            for pname, arr in shard.items():
+                if pname not in owner:
+                    yield pname, arr.astype(np.float32)
+                    continue
+                scheme, name, (_, k), n_parts = owner[pname]
+                got = pending.setdefault(name, {})
+                got[pname] = arr.copy()  # the shard's bytes are released after this shard
+                if len(got) == n_parts:
+                    del pending[name]
+                    _check_linears(got, scheme, {name: owner[pname][2]})
+                    yield f"{name}.weight", dequantize_linear(got, name, k, scheme)
+        if pending:
+            name = next(iter(pending))
+            raise UserError(f"packed weights lack parts of {name}: have {sorted(pending[name])}")
+
+    return chat_config, tensors()
+
+
+def unpack_to_hf(directory: str | Path, verify: bool = True, dtype="float32"):
+    """A `transformers` causal LM (eval mode) rebuilt from a packed directory.
+
+    dtype: a torch dtype or its name; "source" = the dtype the calibration stored the weights in (quantized linears
+    then equal the fake-quant checkpoint's bit for bit); default float32 (exact grid values).
+    """
     import torch
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    chat_config, params = load_packed(directory, verify=verify)
+    from omniquant.lazy_model import assign_tensor, state_names
+
+    chat_config, tensors = iter_hf_tensors(directory, verify=verify)
+    if dtype == "source":
+        dtype = (chat_config["quantization_config"].get("calibration") or {}).get("weight_dtype", "float32")
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     hf = hf_config_from_model_config(chat_config["model_config"])
     config = AutoConfig.for_model(hf.pop("model_type"), **hf)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state = {k: torch.from_numpy(v) for k, v in dequantized_state_dict(chat_config, params).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    if unexpected or set(missing) - tied:
-        raise UserError(f"packed weights do not fit {config.model_type}: missing {sorted(set(missing) - tied)[:3]}, "
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()
+    wanted = set(state_names(model))
+    seen, unexpected = set(), []
+    for name, arr in tensors:
+        if name not in wanted:
+            unexpected.append(name)
+            continue
+        assign_tensor(model, name, torch.from_numpy(arr).to(dtype))
+        seen.add(name)
+    model.tie_weights()
+    if unexpected or wanted - seen:
+        raise UserError(f"packed weights do not fit {config.model_type}: missing {sorted(wanted - seen)[:3]}, "
                         f"unexpected {sorted(unexpected)[:3]}")
     return model.eval()

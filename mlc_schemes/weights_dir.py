@@ -58,21 +58,22 @@ def write_tensor_cache(params: Iterable[tuple[str, np.ndarray]], directory: Path
     return json.loads((directory / TENSOR_CACHE).read_text())["metadata"]
 
 
-def read_tensor_cache(directory: str | Path, verify: bool = True) -> tuple[dict[str, np.ndarray], dict]:
-    """Read `directory/tensor-cache.json` and its shards -> (name -> numpy array, metadata).
-
-    With `verify`, each shard's size and md5 must match its record; a mismatch raises UserError.
-    """
-    directory = Path(directory)
+def _cache_records(directory: Path) -> tuple[list[dict], dict]:
     index = directory / TENSOR_CACHE
     if not index.is_file():
         raise UserError(f"{directory} is not a packed weights directory (no {TENSOR_CACHE})")
     try:
         cache = json.loads(index.read_text())
-        shards = cache["records"]
+        return cache["records"], cache.get("metadata", {})
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"{index} is corrupt: {e}") from None
-    params: dict[str, np.ndarray] = {}
+
+
+def iter_tensor_cache(directory: str | Path, verify: bool = True) -> Iterator[dict[str, np.ndarray]]:
+    """The tensors of `directory/tensor-cache.json` one shard at a time: {name: numpy array (read-only view of
+    that shard's bytes)}. With `verify`, each shard's size and md5 must match its record (UserError otherwise)."""
+    directory = Path(directory)
+    shards, _ = _cache_records(directory)
     for shard in shards:
         path = directory / shard["dataPath"]
         if not path.is_file():
@@ -82,6 +83,7 @@ def read_tensor_cache(directory: str | Path, verify: bool = True) -> tuple[dict[
             raise UserError(f"weight shard {path.name} has {len(data)} bytes, the index says {shard['nbytes']}")
         if verify and hashlib.md5(data).hexdigest() != shard.get("md5sum"):
             raise UserError(f"md5 mismatch in weight shard {path.name}: the file is corrupt")
+        params: dict[str, np.ndarray] = {}
         for rec in shard["records"]:
             if rec["dtype"] not in _NUMPY_DTYPES or rec.get("format", "raw") != "raw":
                 raise UserError(f"unsupported record {rec['name']}: dtype {rec['dtype']} format {rec.get('format')}")
@@ -91,7 +93,18 @@ def read_tensor_cache(directory: str | Path, verify: bool = True) -> tuple[dict[
             arr = np.frombuffer(data, dtype=rec["dtype"], count=nbytes // np.dtype(rec["dtype"]).itemsize,
                                 offset=start)
             params[rec["name"]] = arr.reshape(rec["shape"])
-    return params, cache.get("metadata", {})
+        yield params
+
+
+def read_tensor_cache(directory: str | Path, verify: bool = True) -> tuple[dict[str, np.ndarray], dict]:
+    """Read `directory/tensor-cache.json` and its shards -> (name -> numpy array, metadata).
+
+    With `verify`, each shard's size and md5 must match its record; a mismatch raises UserError.
+    """
+    params: dict[str, np.ndarray] = {}
+    for shard in iter_tensor_cache(directory, verify):
+        params.update(shard)
+    return params, _cache_records(Path(directory))[1]
 
 
 def shard_files(directory: str | Path) -> list[Path]:

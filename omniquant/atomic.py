@@ -42,3 +42,25 @@ def atomic_write(path: Path, write) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(target: Path) -> None:
+    """Delete the temporary siblings `atomic_dir` left for `target` in processes that were killed (SIGKILL skips
+    the cleanup): a killed multi-GB export must not fill the disk run after run. Live processes' are kept."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return
+    for p in target.parent.glob(f".{target.name}.*-*"):
+        kind, _, pid = p.name[len(target.name) + 2:].rpartition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)

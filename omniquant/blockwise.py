@@ -13,10 +13,16 @@ Learned parameters of each finished block are saved atomically, so a killed run 
 
 When nothing is learned (RTN, or LWC at its init: see `learns_nothing`) the weights are quantized directly, without
 capturing inputs or running the streams; the result is the same bit for bit.
+
+Memory: blocks come from a block source (`ModelBlocks`: a model in memory; `omniquant.lazy_model.LazyBlocks`: read
+from disk in the stored dtype and written out when finished), one block on the calibration device at a time, its
+kwargs moved there only while it runs. The streams are float32 [n, L, H] on the device, in RAM or in files
+(`omniquant.streams`), advanced in place window by window.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -37,6 +43,7 @@ from omniquant.models.base import Adapter
 from omniquant.quant.qlinear import QuantLinear, replace_linears, restore_linears
 from omniquant.quant.recipes import resolve_recipe
 from omniquant.quant.spec import WeightQuantSpec
+from omniquant.streams import StreamFactory
 
 
 @dataclass
@@ -108,8 +115,11 @@ def _fuse(block: nn.Module, qlinears: dict[str, QuantLinear], let, prefix: str, 
 
 
 @torch.no_grad()
-def _run_stream(block, x: torch.Tensor, kwargs) -> torch.Tensor:
-    return torch.cat([block_forward(block, x[j : j + 1], kwargs).float() for j in range(x.shape[0])])
+def _run_stream(block, stream, kwargs, out=None) -> None:
+    """out[j] = F(stream[j]) window by window (batch 1); in place when `out` is None (windows are independent)."""
+    out = stream if out is None else out
+    for j in range(stream.shape[0]):
+        out[j : j + 1] = block_forward(block, stream[j : j + 1], kwargs).float()
 
 
 def _to(v, device):
@@ -147,6 +157,29 @@ def _quant_linears(block: nn.Module, adapter: Adapter, spec: WeightQuantSpec, cf
     return qlinears
 
 
+class ModelBlocks:
+    """The decoder blocks of a model held in memory, each moved to the calibration device while it is calibrated.
+
+    The block loop only calls load(i) -> block on the device (float32), finish(i, block, result) and capture()
+    (a context in which block 0's inputs can be captured); omniquant.lazy_model.LazyBlocks reads blocks from disk
+    instead and writes each finished one out."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, device: torch.device):
+        self.blocks, self.device = adapter.blocks(model), torch.device(device)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def load(self, i: int) -> nn.Module:
+        return self.blocks[i].to(self.device)
+
+    def finish(self, i: int, block: nn.Module, result: CalibResult) -> None:
+        self.blocks[i] = block.to("cpu") if self.device.type != "cpu" else block
+
+    def capture(self):
+        return contextlib.nullcontext()
+
+
 def _kill_hook(i: int) -> None:
     """Test hook: simulate a crash after block i (OMNIQUANT_TEST_KILL_AFTER_BLOCK=i)."""
     kill_after = os.environ.get("OMNIQUANT_TEST_KILL_AFTER_BLOCK")
@@ -156,25 +189,31 @@ def _kill_hook(i: int) -> None:
 
 def calibrate_model(model: nn.Module, adapter: Adapter, windows: torch.Tensor | None, cfg: CalibConfig,
                     state: RunState, resume: bool = False, make_let=None, act_quantizer_factory=None,
-                    blockwise: bool = False) -> CalibResult:
-    """Quantize `model` in place block by block. windows: LongTensor [nsamples, seqlen] (may be None when
+                    blockwise: bool = False, blocks=None, streams: str = "auto", fp_observer=None) -> CalibResult:
+    """Quantize `model` block by block. windows: LongTensor [nsamples, seqlen] (may be None when
     `learns_nothing(cfg)`: then the weights are quantized directly, with the same result bit for bit, unless
     `blockwise` asks for the block-wise loop anyway, e.g. to time its fixed costs in bench.calib_speed).
+
+    blocks: where the blocks come from and go to (default ModelBlocks: `model`'s own, quantized in place;
+    omniquant.lazy_model.LazyBlocks: read from disk, written out, freed). streams: where the activation streams
+    live (omniquant.streams: auto / memory / disk). fp_observer(block, i) -> context manager active while block i
+    runs on the full-precision stream (activation statistics for LET are collected there).
 
     make_let(block, qlinears, cfg, block_index) -> LET nn.Module or None. It is attached to the block as
     `LET_ATTR` during calibration and must offer apply_temporary() (set the QuantLinears' temp_weight/temp_bias
     from the current scales/shifts, before each forward) and fuse() (fold into norms/weights for good);
     act_quantizer_factory(name) -> activation quantizer module or None (weight-activation runs).
     """
+    blocks = blocks if blocks is not None else ModelBlocks(model, adapter, torch.device(cfg.device))
     if not blockwise and learns_nothing(cfg) and make_let is None and act_quantizer_factory is None:
-        return _quantize_directly(model, adapter, cfg, state, resume)
+        return _quantize_directly(blocks, adapter, cfg, state, resume)
     if windows is None:
         raise ValueError("calibrate_model: this configuration learns parameters and needs calibration windows")
-    return _calibrate_blockwise(model, adapter, windows, cfg, state, resume, make_let, act_quantizer_factory)
+    return _calibrate_blockwise(model, blocks, adapter, windows, cfg, state, resume, make_let, act_quantizer_factory,
+                                streams, fp_observer)
 
 
-def _quantize_directly(model: nn.Module, adapter: Adapter, cfg: CalibConfig, state: RunState,
-                       resume: bool) -> CalibResult:
+def _quantize_directly(blocks, adapter: Adapter, cfg: CalibConfig, state: RunState, resume: bool) -> CalibResult:
     """The nothing-learned case (RTN, or LWC at its init): quantize every block's linears from their own weights.
 
     No per-block state is saved: a killed run redoes all blocks on --resume (cheap, deterministic); the state
@@ -182,56 +221,67 @@ def _quantize_directly(model: nn.Module, adapter: Adapter, cfg: CalibConfig, sta
     """
     device = torch.device(cfg.device)
     spec = WeightQuantSpec(cfg.wbits, cfg.group_size, cfg.symmetric)
-    blocks = adapter.blocks(model)
     state.open(resume)
     result = CalibResult()
     for i in tqdm(range(len(blocks)), desc="blocks (direct)"):
-        block = blocks[i].to(device)
+        block = blocks.load(i)
         block.requires_grad_(False)
         qlinears = _quant_linears(block, adapter, spec, cfg)
         block.to(device)
         _fuse(block, qlinears, None, f"{adapter.blocks_path}.{i}", result)
         # the same log as the block-wise path gives an untrained block
         result.block_log.append({"block": i, "epoch_loss": [], "nan": None})
-        blocks[i] = block.to("cpu") if device.type != "cpu" else block
+        blocks.finish(i, block, result)
         _kill_hook(i)
     return result
 
 
-def _calibrate_blockwise(model, adapter, windows, cfg, state, resume, make_let, act_quantizer_factory) -> CalibResult:
-    """The OmniQuant loop (module docstring): capture block 0's inputs, then train and quantize block by block."""
+def _calibrate_blockwise(model, blocks, adapter, windows, cfg, state, resume, make_let, act_quantizer_factory,
+                         streams, fp_observer) -> CalibResult:
+    """The OmniQuant loop (module docstring): capture block 0's inputs, then train and quantize block by block.
+
+    Streams (float32 [n, L, H]): `fp` holds X_fp and, after block i's full-precision pass, its target F_i(X_fp);
+    `q` holds X_q and is advanced in place after block i is quantized; `aug` (aug_loss only) holds F_i(X_q)."""
     device = torch.device(cfg.device)
     spec = WeightQuantSpec(cfg.wbits, cfg.group_size, cfg.symmetric)
-    blocks = adapter.blocks(model)
     done = state.open(resume)
-    fp_inps, block_kwargs = capture_block_inputs(model, blocks, windows)
-    fp_inps = fp_inps.to(device)
-    q_inps = fp_inps.clone()
-    result = CalibResult()
-    for i in tqdm(range(len(blocks)), desc="blocks"):
-        block = blocks[i].to(device)
-        block.requires_grad_(False)
-        kwargs = {k: _to(v, device) for k, v in block_kwargs[i].items()}
-        prefix = f"{adapter.blocks_path}.{i}"
-        fp_outs = _run_stream(block, fp_inps, kwargs)
-        aug_outs = _run_stream(block, q_inps, kwargs) if cfg.aug_loss else None
-        qlinears = _quant_linears(block, adapter, spec, cfg, act_quantizer_factory)
-        let = make_let(block, qlinears, cfg, i) if make_let is not None else None
-        if let is not None:
-            setattr(block, LET_ATTR, let)
-        block.to(device)  # the quantizers' and LET's new parameters too
-        if i < done:
-            learned, log = state.load_block(i)
-            set_learned(block, learned)
-        else:
-            log = train_block(block, q_inps, fp_outs, aug_outs, kwargs, cfg, let, f"block {i}")
-        if i >= done:
-            state.save_block(i, learned_state(block), log)
-        _fuse(block, qlinears, let, prefix, result)
-        log = {"block": i, **log}
-        result.block_log.append(log)
-        q_inps = _run_stream(block, q_inps, kwargs)
-        fp_inps = fp_outs
-        blocks[i] = block.to("cpu") if device.type != "cpu" else block
-        _kill_hook(i)
-    return result
+    shape = (windows.shape[0], windows.shape[1], model.config.hidden_size)
+    factory = StreamFactory(shape, device, streams, scratch=state.path / "streams", count=3 if cfg.aug_loss else 2)
+    try:
+        fp = factory.new()
+        with blocks.capture():
+            _, block_kwargs = capture_block_inputs(model, adapter.blocks(model), windows, into=fp)
+        q = factory.copy(fp)
+        aug = factory.new() if cfg.aug_loss else None
+        result = CalibResult()
+        for i in tqdm(range(len(blocks)), desc="blocks"):
+            block = blocks.load(i)
+            block.requires_grad_(False)
+            kwargs = {k: _to(v, device) for k, v in block_kwargs[i].items()}
+            prefix = f"{adapter.blocks_path}.{i}"
+            with fp_observer(block, i) if fp_observer is not None else contextlib.nullcontext():
+                _run_stream(block, fp, kwargs)  # fp now holds the target F_i(X_fp), and the next block's input
+            if aug is not None:
+                _run_stream(block, q, kwargs, out=aug)
+            qlinears = _quant_linears(block, adapter, spec, cfg, act_quantizer_factory)
+            let = make_let(block, qlinears, cfg, i) if make_let is not None else None
+            if let is not None:
+                setattr(block, LET_ATTR, let)
+            block.to(device)  # the quantizers' and LET's new parameters too
+            if i < done:
+                learned, log = state.load_block(i)
+                set_learned(block, learned)
+            else:
+                log = train_block(block, q, fp, aug, kwargs, cfg, let, f"block {i}")
+            if i >= done:
+                state.save_block(i, learned_state(block), log)
+            _fuse(block, qlinears, let, prefix, result)
+            log = {"block": i, **log}
+            result.block_log.append(log)
+            _run_stream(block, q, kwargs)
+            blocks.finish(i, block, result)
+            del block, kwargs
+            _kill_hook(i)
+        return result
+    finally:
+        factory.close()

@@ -15,7 +15,6 @@ from omniquant.blockwise import RunState, calibrate_model, learns_nothing
 from omniquant.config import SUPPORTED_ABITS, CalibConfig
 from omniquant.data import load_tokens, sample_windows
 from omniquant.errors import UserError
-from omniquant.export import save_fakequant
 from omniquant.hub import resolve_model
 from omniquant.models import get_adapter
 from omniquant.ppl import config_window_bos
@@ -68,9 +67,10 @@ def check_output(output: Path, overwrite: bool) -> None:
         raise UserError(f"output {output} is not writable: {e}") from e
 
 
-def quantize_in_memory(model_path, cfg: CalibConfig, state_dir: Path, resume: bool = False):
-    """Calibrate `model_path`; returns (quantized model, tokenizer, quant_config dict, qparams)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def _prepare(model_path, cfg: CalibConfig):
+    """(resolved path, HF config, adapter, tokenizer or None, windows or None) of a run; reads the calibration text
+    only when something is learned."""
+    from transformers import AutoConfig, AutoTokenizer
 
     validate(cfg)
     model_path = resolve_model(model_path)
@@ -79,56 +79,134 @@ def quantize_in_memory(model_path, cfg: CalibConfig, state_dir: Path, resume: bo
     if cfg.let and not adapter.let_sites:
         raise UserError(f"--let: the {adapter.name} adapter declares no LET sites")
     torch.manual_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    windows = None  # RTN / LWC at its init quantizes the weights directly: no calibration text is read
+    tokenizer = windows = None  # RTN / LWC at its init quantizes the weights directly: no calibration text is read
     if not learns_nothing(cfg):
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
         windows = sample_windows(load_tokens(tokenizer, cfg.calib_data, split="calib"), cfg.nsamples, cfg.seqlen,
                                  cfg.seed, bos=config_window_bos(hf_config))
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    model.eval()
-    model.config.use_cache = False
+    return model_path, hf_config, adapter, tokenizer, windows
 
-    state = RunState(state_dir, cfg, model_path)
-    make_let = act_factory = None
+
+def _weight_act(model, adapter, windows, cfg: CalibConfig, state_dir: Path):
     if cfg.let or cfg.abits < 16 or cfg.kv_bits < 16:
-        from omniquant.weight_act import setup_weight_act  # LET + activation quantization (its own module)
+        from omniquant.weight_act import (
+            setup_weight_act,  # LET + activation quantization (its own module)
+        )
 
-        make_let, act_factory = setup_weight_act(model, adapter, windows, cfg, state.path)
-    t0 = time.time()
-    result = calibrate_model(model, adapter, windows, cfg, state, resume=resume,
-                             make_let=make_let, act_quantizer_factory=act_factory)
-    wall = time.time() - t0
+        return setup_weight_act(model, adapter, windows, cfg, state_dir)
+    return None
+
+
+def _quant_config(cfg: CalibConfig, model_type: str, model_path, result, wall: float, weight_act) -> dict:
     nan_blocks = [b["block"] for b in result.block_log if b.get("nan")]
     quant_config = {
         "wbits": cfg.wbits, "abits": cfg.abits, "kv_bits": cfg.kv_bits, "group_size": cfg.group_size,
         "symmetric": cfg.symmetric, "lwc": cfg.lwc, "let": cfg.let,
         "recipe": resolve_recipe(cfg.recipe, cfg.wbits).name,
-        "model_type": hf_config.model_type, "source_model": str(model_path),
+        "model_type": model_type, "source_model": str(model_path),
         "calibration": {**cfg.to_dict(), "wall_time_s": round(wall, 2), "nan_blocks": nan_blocks,
                         "block_log": result.block_log},
     }
-    if make_let is not None or act_factory is not None:
-        from omniquant.weight_act import export_entry  # act-quant settings; offsets are written by save_fakequant
+    if weight_act is not None:
+        from omniquant.weight_act import (
+            export_entry,  # act-quant settings; offsets go to act_params.safetensors
+        )
 
         quant_config.update(export_entry(cfg))
+    return quant_config
+
+
+def quantize_in_memory(model_path, cfg: CalibConfig, state_dir: Path, resume: bool = False, streams: str = "auto"):
+    """Calibrate `model_path` held whole in memory in float32 (small models; the reference the lazy path of
+    `calibrate_checkpoint` is tested against). Returns (quantized model, tokenizer, quant_config dict, qparams)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_path, hf_config, adapter, tokenizer, windows = _prepare(model_path, cfg)
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model.eval()
+    model.config.use_cache = False
+
+    state = RunState(state_dir, cfg, model_path)
+    wa = _weight_act(model, adapter, windows, cfg, state.path)
+    t0 = time.time()
+    result = calibrate_model(model, adapter, windows, cfg, state, resume=resume,
+                             make_let=wa and wa.make_let, act_quantizer_factory=wa and wa.act_factory,
+                             streams=streams, fp_observer=wa and wa.observe)
+    if wa is not None:
+        wa.finish()
+    quant_config = _quant_config(cfg, hf_config.model_type, model_path, result, time.time() - t0, wa)
     model.config.use_cache = True
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     return model, tokenizer, quant_config, result.qparams
 
 
+def source_dtypes(model_path) -> dict[str, torch.dtype]:
+    """Stored dtype of every tensor of a safetensors checkpoint (for save_fakequant of an in-memory model)."""
+    from omniquant.safetensors_io import SafetensorsDir
+
+    reader = SafetensorsDir(resolve_model(model_path))
+    return {n: reader.dtype(n) for n in reader.names()}
+
+
 def calibrate_checkpoint(model_path, output, *, overwrite: bool = False, resume: str | Path | None = None,
-                         **settings) -> Path:
+                         streams: str = "auto", max_shard_bytes: int | None = None, **settings) -> Path:
     """Calibrate `model_path` with CalibConfig(**settings) and write the fake-quant checkpoint to `output`.
 
+    Bounded memory: the checkpoint is opened lazily (omniquant.lazy_model) and each decoder block is read in its
+    stored dtype, calibrated in float32 on cfg.device, written out in its stored dtype and freed before the next;
+    the output is planned up front and filled block by block inside a temporary directory, renamed when complete.
     Learned parameters are kept per block in `resume` (default `<output>.state`) until the export succeeds.
+    streams: where the activation streams live (auto / memory / disk, see omniquant.streams).
     """
+    from omniquant.atomic import atomic_dir, remove_stale_temps
+    from omniquant.export import FakeQuantWriter, quant_config_entry, write_metadata
+    from omniquant.lazy_model import LazyBlocks, LazyCheckpoint
+    from omniquant.safetensors_io import MAX_SHARD_BYTES
+    from omniquant.weight_act import collect_offsets
+
     cfg = CalibConfig(**settings)
     validate(cfg)
     output = Path(output)
     check_output(output, overwrite)
     state_dir = Path(resume) if resume else output.with_name(output.name + ".state")
-    model, tokenizer, quant_config, qparams = quantize_in_memory(model_path, cfg, state_dir, resume=resume is not None)
-    save_fakequant(model, tokenizer, qparams, quant_config, output, overwrite=overwrite)
+    model_path, hf_config, adapter, _, windows = _prepare(model_path, cfg)
+    ckpt = LazyCheckpoint(model_path)
+    linears = [f"{adapter.blocks_path}.{i}.{lin}" for i in range(len(adapter.blocks(ckpt.model)))
+               for lin in adapter.linears]
+    remove_stale_temps(output)
+    state = RunState(state_dir, cfg, model_path)
+    with atomic_dir(output, overwrite=overwrite) as tmp:
+        writer = FakeQuantWriter(tmp, ckpt.specs, linears, cfg.wbits, cfg.group_size, cfg.symmetric,
+                                 max_shard_bytes or MAX_SHARD_BYTES)
+        try:
+            prefix = adapter.blocks_path + "."
+            for name in ckpt.specs:  # embeddings, final norm, lm_head: copied as stored, one at a time
+                if not name.startswith(prefix):
+                    writer.write(name, ckpt.reader.get(name))
+            wa = _weight_act(ckpt.model, adapter, windows, cfg, state.path)
+            offsets: dict[str, torch.Tensor] = {}
+
+            def sink(i, block_prefix, block, result):
+                mine = {n: result.qparams.pop(n) for n in list(result.qparams) if n.startswith(block_prefix + ".")}
+                writer.write_module(block_prefix, block, mine)
+                offsets.update({f"{block_prefix}.{k}": v for k, v in collect_offsets(block).items()})
+
+            blocks = LazyBlocks(ckpt, adapter, torch.device(cfg.device), sink)
+            t0 = time.time()
+            result = calibrate_model(ckpt.model, adapter, windows, cfg, state, resume=resume is not None,
+                                     make_let=wa and wa.make_let, act_quantizer_factory=wa and wa.act_factory,
+                                     blocks=blocks, streams=streams, fp_observer=wa and wa.observe)
+            if wa is not None:
+                wa.finish()
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        quant_config = _quant_config(cfg, hf_config.model_type, model_path, result, time.time() - t0, wa)
+        hf_config.use_cache = True
+        hf_config.dtype = ckpt.dominant_dtype(adapter)
+        write_metadata(tmp, hf_config, quant_config_entry(quant_config, linears, writer), offsets, model_path)
     shutil.rmtree(state_dir, ignore_errors=True)
     return output

@@ -68,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also match the fp block's output on the quantized input stream")
     p.add_argument("--seed", type=int, default=D.seed)
     p.add_argument("--device", default=D.device, help="cpu or cuda (bf16 autocast + grad scaler on cuda)")
+    p.add_argument("--streams", default="auto", choices=("auto", "memory", "disk"),
+                   help="where the fp / quantized activation streams live: memory (the device or RAM), disk (files "
+                        "in OUTPUT.state/), auto (disk only when they would not fit in memory)")
     p.add_argument("--resume", default=None, metavar="DIR",
                    help="continue an interrupted run from its state directory (default location: OUTPUT.state; "
                         "not the official omni_parameters.pth)")
@@ -86,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings = {k: getattr(args, k) for k in CalibConfig().to_dict()}
     model = resolve_model(args.model, args.revision)
-    out = calibrate_checkpoint(model, args.output, overwrite=args.overwrite, resume=args.resume, **settings)
+    out = calibrate_checkpoint(model, args.output, overwrite=args.overwrite, resume=args.resume,
+                               streams=args.streams, **settings)
     print(f"wrote fake-quant checkpoint to {out}")
     return 0

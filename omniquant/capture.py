@@ -16,7 +16,7 @@ class _Catcher(nn.Module):
     sliding/global layers) without running a block. Unknown attributes are read from the wrapped block, which the
     model's loop may consult (e.g. `attention_type`)."""
 
-    def __init__(self, block: nn.Module, index: int, last: int, hidden: list, kwargs: list):
+    def __init__(self, block: nn.Module, index: int, last: int, hidden, kwargs: list):
         super().__init__()
         object.__setattr__(self, "_wrapped", block)  # not a submodule: its parameters stay out of this module
         self.index, self.last, self._hidden, self._kwargs = index, last, hidden, kwargs
@@ -31,7 +31,7 @@ class _Catcher(nn.Module):
         if args:
             raise TypeError("capture: decoder blocks are expected to take everything but hidden_states by keyword")
         if self.index == 0:
-            self._hidden.append(hidden_states.detach().float().cpu())
+            self._hidden(hidden_states.detach().float())
         if self._kwargs[self.index] is None:
             self._kwargs[self.index] = {k: v for k, v in kwargs.items()
                                         if k not in ("past_key_values", "past_key_value", "use_cache")}
@@ -40,31 +40,49 @@ class _Catcher(nn.Module):
         return hidden_states
 
 
+def _to_float32(_module, _args, output):
+    return output.float()
+
+
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, into=None
                          ) -> tuple[torch.Tensor, list[dict]]:
     """Run the model's embedding part on each window [n, L]; returns (hidden states [n, L, H] fp32, per-block kwargs).
 
     kwargs[i] holds what the model passes to block i besides hidden_states (position embeddings, causal or
     sliding-window mask, ...). All windows share one length, so the kwargs captured on the first window are valid for
     every window with batch size 1. Blocks that get the same tensors share them (no copies). Runs where the model's
-    parameters are (the caller moves blocks and tensors to the calibration device).
+    input embedding is; the blocks themselves never run (they may be on the meta device). The embedding's output is
+    widened to float32 before the model uses it, so a float16 / bfloat16 model computes its RoPE tables and masks
+    exactly as the float32 one would. With `into` (a stream [n, L, H], see omniquant.streams) window j's hidden
+    states are written to into[j:j+1] and `into` is returned (the caller moves tensors to the calibration device).
     """
-    hidden: list[torch.Tensor] = []
+    rows: list[torch.Tensor] = []
+
+    def keep(h: torch.Tensor) -> None:
+        if into is None:
+            rows.append(h.cpu())
+        else:
+            into[len(rows):len(rows) + 1] = h
+            rows.append(None)
+
     kwargs: list[dict | None] = [None] * len(blocks)
     originals = list(blocks)
+    embed = model.get_input_embeddings()
+    hook = embed.register_forward_hook(_to_float32)
     for i, b in enumerate(originals):
-        blocks[i] = _Catcher(b, i, len(blocks) - 1, hidden, kwargs)
+        blocks[i] = _Catcher(b, i, len(blocks) - 1, keep, kwargs)
     try:
         for ids in windows:
             try:
-                model(ids[None].to(model.device), use_cache=False)
+                model(ids[None].to(embed.weight.device), use_cache=False)
             except _Stop:
                 pass
     finally:
+        hook.remove()
         for i, b in enumerate(originals):
             blocks[i] = b
-    return torch.cat(hidden), kwargs
+    return (torch.cat(rows) if into is None else into), kwargs
 
 
 def block_forward(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:

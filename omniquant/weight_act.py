@@ -7,6 +7,9 @@ let.py. Activation statistics for the LET init: act_stats.py, cached in `<output
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,9 +38,27 @@ def default_stats_path(state_dir: Path) -> Path:
     return state_dir.with_name(f"{base}.act_stats.safetensors")
 
 
-def setup_weight_act(model: nn.Module, adapter: Adapter, windows: torch.Tensor, cfg, state_dir):
-    """-> (make_let, act_quantizer_factory) for calibrate_model. Collects/loads activation statistics for LET."""
-    from omniquant import act_stats
+@dataclass
+class WeightActSetup:
+    """What the block loop needs for a weight-activation / LET run (see calibrate_model)."""
+
+    make_let: Callable
+    act_factory: Callable | None
+    stats: object | None  # act_stats.BlockStats (LET) or None
+
+    def observe(self, block: nn.Module, i: int):
+        """Context while block i runs on the full-precision stream: its activation statistics are collected."""
+        return self.stats.observe(block, i) if self.stats is not None else contextlib.nullcontext()
+
+    def finish(self) -> None:
+        if self.stats is not None:
+            self.stats.save()
+
+
+def setup_weight_act(model: nn.Module, adapter: Adapter, windows: torch.Tensor, cfg, state_dir) -> WeightActSetup:
+    """LET factory, activation quantizer factory and the LET-init statistics (read from a file, or collected block by
+    block during calibration) for calibrate_model. `model` may live on the meta device (lazy calibration)."""
+    from omniquant.act_stats import BlockStats
     from omniquant.let import make_block_let
 
     if cfg.let and not adapter.let_sites:
@@ -46,7 +67,7 @@ def setup_weight_act(model: nn.Module, adapter: Adapter, windows: torch.Tensor, 
     if cfg.let:
         given = getattr(cfg, "act_stats", None)
         path = Path(given) if given else default_stats_path(state_dir)
-        stats = act_stats.load_or_collect(path, model, adapter, windows, given=bool(given))
+        stats = BlockStats(path, model, adapter, windows, given=bool(given))
     if cfg.kv_bits < 16:
         kv.enable(model)
     attn_path = attention_path(adapter)
@@ -56,13 +77,13 @@ def setup_weight_act(model: nn.Module, adapter: Adapter, windows: torch.Tensor, 
             kv.attach(block.get_submodule(attn_path), ActQuantizer(cfg_.kv_bits))
         if not cfg_.let:
             return None
-        prefix = f"{adapter.blocks_path}.{i}."
-        block_stats = {n: (stats[f"{prefix}{n}.act_scales"], stats[f"{prefix}{n}.act_shifts"]) for n in adapter.linears}
+        dev = next(block.parameters()).device  # statistics are kept on the CPU; the block may be on a GPU
+        block_stats = {n: (a.to(dev), b.to(dev)) for n, (a, b) in stats.block(i).items()}
         return make_block_let(block, qlinears, adapter, model.config, cfg_.alpha, block_stats,
                               use_shift=cfg_.abits < 16)
 
     act_factory = (lambda name: ActQuantizer(cfg.abits)) if cfg.abits < 16 else None
-    return make_let, act_factory
+    return WeightActSetup(make_let, act_factory, stats)
 
 
 def collect_offsets(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -97,7 +97,9 @@ class FakeQuantCheckpoint:
         side_names = set(self.sidecar.keys())
         if missing := sorted(expected - side_names):
             raise UserError(f"sidecar {QUANT_PARAMS} lacks {len(missing)} tensors, e.g. {missing[0]}")
-        if extra := sorted(side_names - expected):
+        # Where the stored dtype cannot hold the codes (bfloat16, 8-bit asymmetric) the sidecar also has them.
+        self.with_codes = {n for n in names if f"{n}.codes" in side_names}
+        if extra := sorted(side_names - expected - {f"{n}.codes" for n in self.with_codes}):
             raise UserError(f"sidecar has tensors for linears not listed in {QUANT_CONFIG}, e.g. {extra[0]}")
         self.shapes: dict[str, list[int]] = {}
         for f in self.files:
@@ -155,7 +157,7 @@ class FakeQuantCheckpoint:
         Codes are `round(w / s) + z` from the sidecar's scales / zeros; UserError unless they lie in range and
         dequantizing them in float32, then rounding to the checkpoint's dtype, gives back `weight` bit for bit.
         """
-        from omniquant.quant.codes import dequantize, recompute_codes
+        from omniquant.quant.codes import recompute_codes, stored_weight
 
         scales = self.sidecar.get_tensor(f"{name}.scales").to(torch.float32)
         zeros = self.sidecar.get_tensor(f"{name}.zeros")
@@ -180,9 +182,15 @@ class FakeQuantCheckpoint:
                     f"{int(zeros[zeros != fixed][0])}): the sidecar is asymmetric, the config is wrong")
         elif zeros.min() < 0 or zeros.max() > self.qmax:
             raise UserError(f"{where}: zeros outside [0, {self.qmax}] for {self.bits} bits")
-        # Out-of-range codes get clamped, which moves a weight by at least one step: the exactness check catches it.
-        codes = recompute_codes(weight.to(torch.float32), scales, zeros, self.bits, self.group_size, self.symmetric)
-        recon = dequantize(codes, scales, zeros, self.group_size).to(weight.dtype)
+        if name in self.with_codes:
+            codes = self.sidecar.get_tensor(f"{name}.codes").to(torch.int32)
+            if tuple(codes.shape) != (n, k) or codes.max() > self.qmax:
+                raise UserError(f"{where}: sidecar codes {list(codes.shape)} do not fit weight [{n}, {k}] or "
+                                f"exceed {self.qmax}")
+        else:  # out-of-range codes get clamped, which moves a weight by a step: the exactness check catches it
+            codes = recompute_codes(weight, scales, zeros, self.bits, self.group_size, self.symmetric)
+        # The stored weight is the float32 grid value rounded once to the checkpoint's dtype (docs/formats.md §1).
+        recon = stored_weight(codes, scales, zeros, self.group_size, weight.dtype)
         if not torch.equal(recon, weight):
             bad = int((recon != weight).sum())
             raise UserError(f"{where}: {bad} weights are not on the sidecar's {self.bits}-bit grid (the sidecar "

@@ -11,8 +11,8 @@ def calib_config(monkeypatch, *flags) -> tuple[CalibConfig, dict]:
     """Run `omniquant calibrate` up to the library call; return the CalibConfig it would use and the other kwargs."""
     seen = {}
 
-    def fake_calibrate(model, output, *, overwrite=False, resume=None, **settings):
-        seen.update(model=model, output=output, resume=resume, cfg=CalibConfig(**settings))
+    def fake_calibrate(model, output, *, overwrite=False, resume=None, streams="auto", **settings):
+        seen.update(model=model, output=output, resume=resume, streams=streams, cfg=CalibConfig(**settings))
         return output
 
     monkeypatch.setattr(calibrate, "calibrate_checkpoint", fake_calibrate)
@@ -28,6 +28,13 @@ def test_lwc_flag_and_default(monkeypatch):
     assert calib_config(monkeypatch, "--no-lwc")[0].lwc is False
     assert calib_config(monkeypatch, "--no-lwc", "--lwc")[0].lwc is True  # last one wins
     assert calib_config(monkeypatch, "--lwc", "--lwc-lr", "0.05")[0].lwc_lr == 0.05
+
+
+def test_streams_flag(monkeypatch):
+    assert calib_config(monkeypatch)[1]["streams"] == "auto"
+    assert calib_config(monkeypatch, "--streams", "disk")[1]["streams"] == "disk"
+    with pytest.raises(SystemExit):
+        calib_config(monkeypatch, "--streams", "ram")
 
 
 @pytest.mark.parametrize("official, ours, value, field, expected", [
@@ -57,7 +64,7 @@ def test_official_spellings_set_the_same_field(monkeypatch, official, ours, valu
 
 def test_save_dir_resume_and_revision(monkeypatch):
     _, seen = calib_config(monkeypatch, "--save_dir", "ckpt", "--resume", "st", "--revision", "abc")
-    assert seen == {"model": "m@abc", "output": "ckpt", "resume": "st"}
+    assert seen == {"model": "m@abc", "output": "ckpt", "resume": "st", "streams": "auto"}
 
 
 def test_official_output_dir_is_refused_with_the_mapping(capsys):

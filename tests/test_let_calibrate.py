@@ -155,13 +155,13 @@ def test_act_stats_values_and_cache(tiny_llama_dir, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from omniquant import act_stats
+    from omniquant.capture import block_forward, capture_block_inputs
     from omniquant.models import get_adapter
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     adapter = get_adapter("llama")
     windows = torch.randint(3, 500, (3, 32), generator=torch.Generator().manual_seed(0))
-    path = tmp_path / "stats.safetensors"
-    stats = act_stats.load_or_collect(path, model, adapter, windows)
+    stats = act_stats.collect(model, adapter, windows)
     # independent: q_proj of block 0 reads input_layernorm(embeddings)
     with torch.no_grad():
         y = model.model.layers[0].input_layernorm(model.model.embed_tokens(windows))  # [3, 32, H]
@@ -169,10 +169,24 @@ def test_act_stats_values_and_cache(tiny_llama_dir, tmp_path, monkeypatch):
     torch.testing.assert_close(stats["model.layers.0.self_attn.q_proj.act_shifts"],
                                ((y.amax(1) + y.amin(1)) / 2).mean(0))
     assert stats["model.layers.1.self_attn.o_proj.act_scales"].shape == (192,)
+    # block by block (what calibration does: block i observed while it runs on the fp stream) == whole model
+    path = tmp_path / "stats.safetensors"
+    blocks = act_stats.BlockStats(path, model, adapter, windows)
+    x, kwargs = capture_block_inputs(model, model.model.layers, windows)
+    with torch.no_grad():
+        for i, block in enumerate(model.model.layers):
+            with blocks.observe(block, i):
+                x = torch.cat([block_forward(block, x[j:j + 1], kwargs[i]) for j in range(3)])
+    blocks.save()
+    assert blocks.stats.keys() == stats.keys() and all(torch.equal(blocks.stats[k], stats[k]) for k in stats)
     # same windows: reused from the file, not recomputed
-    monkeypatch.setattr(act_stats, "collect", lambda *a: pytest.fail("statistics recomputed"))
-    again = act_stats.load_or_collect(path, model, adapter, windows)
-    assert all(torch.equal(again[k], stats[k]) for k in stats)
+    again = act_stats.BlockStats(path, model, adapter, windows)
+    assert again.loaded and all(torch.equal(again.stats[k], stats[k]) for k in stats)
+    monkeypatch.setattr(act_stats._Accumulator, "attach", lambda *a: pytest.fail("statistics recomputed"))
+    with again.observe(model.model.layers[0], 0):
+        pass
+    # other windows: collected again
+    assert not act_stats.BlockStats(path, model, adapter, windows[:2]).loaded
 
 
 def test_act_stats_from_another_model_is_rejected(tiny_llama_dir, tiny_opt_dir, tmp_path):
@@ -183,9 +197,11 @@ def test_act_stats_from_another_model_is_rejected(tiny_llama_dir, tiny_opt_dir, 
     from omniquant.cli import main
     from omniquant.models import get_adapter
 
+    from safetensors.torch import save_file as save
+
     opt = AutoModelForCausalLM.from_pretrained(tiny_opt_dir, dtype=torch.float32).eval()
     windows = torch.randint(3, 500, (1, 16))
-    act_stats.load_or_collect(tmp_path / "opt.safetensors", opt, get_adapter("opt"), windows)
+    save(act_stats.collect(opt, get_adapter("opt"), windows), str(tmp_path / "opt.safetensors"))
     rc = main(["calibrate", "--model", str(tiny_llama_dir), "--output", str(tmp_path / "out"), "--let", "--abits", "4",
                "--act-stats", str(tmp_path / "opt.safetensors"), "--nsamples", "1", "--seqlen", "16", "--epochs", "0",
                "--calib-data", str(tiny_llama_dir / "tokenizer.json")])
@@ -197,7 +213,7 @@ def test_act_stats_from_another_model_is_rejected(tiny_llama_dir, tiny_opt_dir, 
     bad = {k: (v[:100] if "layers.1.mlp.down_proj" in k else v) for k, v in good.items()}
     save_file(bad, str(tmp_path / "bad.safetensors"))
     with pytest.raises(UserError, match=r"down_proj.*shape \(100,\).*320 input channels"):
-        act_stats.load_or_collect(tmp_path / "bad.safetensors", llama, ad, windows, given=True)
+        act_stats.BlockStats(tmp_path / "bad.safetensors", llama, ad, windows, given=True)
 
 
 def test_let_without_sites_is_rejected(tiny_llama_dir, tmp_path):
@@ -225,7 +241,8 @@ def test_nan_during_let_training_restores_finite_parameters(tiny_llama_dir, cali
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     adapter = get_adapter("llama")
     windows = sample_windows(load_tokens(AutoTokenizer.from_pretrained(tiny_llama_dir), calib_text), 2, 32, 0)
-    make_let, act_factory = setup_weight_act(model, adapter, windows, cfg, tmp_path / "r.state")
+    wa = setup_weight_act(model, adapter, windows, cfg, tmp_path / "r.state")
+    make_let, act_factory = wa.make_let, wa.act_factory
     calls = {"n": 0}
 
     def poisoned(block, qlinears, cfg_, i):
@@ -243,7 +260,8 @@ def test_nan_during_let_training_restores_finite_parameters(tiny_llama_dir, cali
         return let
 
     state = RunState(tmp_path / "r.state", cfg, str(tiny_llama_dir))
-    result = calibrate_model(model, adapter, windows, cfg, state, make_let=poisoned, act_quantizer_factory=act_factory)
+    result = calibrate_model(model, adapter, windows, cfg, state, make_let=poisoned, act_quantizer_factory=act_factory,
+                             fp_observer=wa.observe)
     assert result.block_log[0]["nan"] is None
     assert result.block_log[1]["nan"] == {"epoch": 1, "step": 0}
     assert all(torch.isfinite(p).all() for p in model.parameters())

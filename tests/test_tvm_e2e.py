@@ -236,3 +236,31 @@ def test_gpu_targets_compile_without_gpu(llama_w3, tmp_path, target, suffix):
 
         with pytest.raises(UserError, match="no CUDA GPU"):
             Engine(llama_w3 / "packed", lib)
+
+
+def test_float16_checkpoint_through_tvm_matches_unpacked_grid(llama_w3, tmp_path):
+    """A float16 source (docs/formats.md §1): its fake-quant checkpoint stores round_fp16((q - z) * s); the packed
+    codes run in the float32 library compute the exact grid (q - z) * s, as unpack_to_hf does (tolerance as for the
+    float32 chain: kernel summation order); torch on the float16 checkpoint differs from both by one float16
+    rounding of each weight."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mlc_schemes import pack_checkpoint
+    from mlc_schemes.engine import tvm_perplexity
+    from mlc_schemes.unpack import unpack_to_hf
+    from omniquant.calibrate import calibrate_checkpoint
+    from omniquant.data import load_tokens
+    from omniquant.ppl import perplexity
+
+    src = tmp_path / "fp16"
+    AutoModelForCausalLM.from_pretrained(llama_w3 / "tiny", dtype=torch.float16).save_pretrained(src)
+    for f in (llama_w3 / "tiny").glob("tokenizer*"):
+        shutil.copy(f, src / f.name)
+    fq = calibrate_checkpoint(src, tmp_path / "fq", wbits=3, group_size=128, epochs=0, lwc=False)
+    packed = pack_checkpoint(fq, "w3a16g128asym", tmp_path / "packed", progress=False)
+    tokens = load_tokens(AutoTokenizer.from_pretrained(packed), str(EVAL))[: 4 * 256]
+    ppl_tvm = tvm_perplexity(packed, llama_w3 / "lib32.so", tokens, 256)  # same shapes and scheme: same library
+    ppl_grid = perplexity(unpack_to_hf(packed), tokens, 256)
+    ppl_ckpt = perplexity(AutoModelForCausalLM.from_pretrained(fq, dtype=torch.float32).eval(), tokens, 256)
+    assert abs(ppl_tvm - ppl_grid) / ppl_grid <= 1e-3, (ppl_tvm, ppl_grid)
+    assert abs(ppl_ckpt - ppl_grid) / ppl_grid <= 1e-2, (ppl_ckpt, ppl_grid)
