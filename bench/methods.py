@@ -47,6 +47,7 @@ class Method:
     weight_act: bool = False  # supports w<bits>a<bits> settings
     env_vars: dict = field(default_factory=dict)
     cost: int = 1  # relative run time in the quick setting: concurrent jobs start the longest first
+    only: tuple[str, ...] | None = None  # the settings it runs at (None: every setting of its kind)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -60,8 +61,15 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("gptqmodel", "GPTQ (gptqmodel 7.6)", "gptqmodel_peer.py", "gptqmodel",
            env_vars={"GPTQMODEL_CPU_WORKERS": "2", "CUDA_VISIBLE_DEVICES": ""}, cost=3),
     Method("hqq", "HQQ (hqq 0.2.8)", "hqq_peer.py", "hqq", calibration_free=True, cost=2),
-    Method("omniquant", "OmniQuant (ours; LWC, + LET at WxAx)", "omniquant_ours.py", None, ("--method", "omniquant"),
-           cost=6, weight_act=True),
+    Method("omniquant", "OmniQuant lwc (ours; + LET at WxAx)", "omniquant_ours.py", None,
+           ("--method", "omniquant", "--recipe", "lwc"), cost=6, weight_act=True),
+    Method("omniquant-round", "OmniQuant lwc+round (ours)", "omniquant_ours.py", None,
+           ("--method", "omniquant", "--recipe", "lwc+round"), cost=6),
+    Method("omniquant-blockap", "OmniQuant blockap (ours)", "omniquant_ours.py", None,
+           ("--method", "omniquant", "--recipe", "blockap"), cost=7),
+    # a new user's first try: `omniquant calibrate` defaults at a small budget (its own 16 x 256 windows, seed 2)
+    Method("omniquant-small", "OmniQuant lwc, CLI defaults, 2 epochs x 16 x 256 (ours)", "omniquant_ours.py", None,
+           ("--method", "omniquant", "--recipe", "lwc", "--cli-defaults"), cost=2, only=("w3g128",)),
     Method("smoothquant", "SmoothQuant + GPTQ (llm-compressor 0.14)", "llmcompressor_peer.py", "llmcompressor",
            ("--method", "smoothquant"), cost=3, weight_only=False, weight_act=True),
 )}
@@ -72,8 +80,14 @@ NOT_RUN = {
 }
 
 
+# Our recipes, each a row: the goal check compares the best of them with every other fully quantized method.
+OURS = ("omniquant", "omniquant-round", "omniquant-blockap")
+
+
 def runs(method: Method, setting: SettingSpec) -> bool:
     """Whether `method` has a recipe for `setting` (weight-only or weight-activation)."""
+    if method.only is not None and setting.name not in method.only:
+        return False
     return method.weight_act if setting.weight_act else method.weight_only
 
 

@@ -1,11 +1,22 @@
-"""Optimise one decoder block's learnable parameters (LWC logits, LET scales/shifts) against its target output.
+"""Optimise one decoder block's learnable parameters (the recipe's quantizer parameters, LET scales/shifts) against
+its target output:
 
-    loss = MSE(F^q(X_q), target)  (+ MSE(F^q(X_q), aug_target) with aug_loss),  AdamW, `batch_size` windows a step.
+    loss = MSE(F^q(X_q[b]), target[b])  (+ MSE(F^q(X_q[b]), aug_target[b]) with aug_loss)
 
-A non-finite loss restores the last finite parameters and stops this block's training (recorded in the log).
+over mini-batches b of `batch_size` windows (fixed consecutive slices, `epochs` passes), AdamW with one parameter
+group per learning-rate group (quant/recipes.py LR_GROUPS). Budget-aware rates: with S = epochs * nsamples /
+batch_size steps and schedule factors f_t (linear: 1 - t/S, cosine: (1 + cos(pi t / S)) / 2, constant: 1), a group
+with rate constant c gets the peak rate c / sqrt(sum_t f_t) unless its --<group>-lr is given.
+
+Keep-best (AutoRound's rule): the parameters that gave the lowest step loss are kept; the state after the last
+step is scored on the first batch. A non-finite loss stops this block's training and restores the best finite
+parameters (the last finite ones without keep-best); both are recorded in the log. Optimizer state lives and dies
+with the block.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -13,10 +24,12 @@ from tqdm import tqdm
 
 from omniquant.capture import block_forward
 from omniquant.config import CalibConfig
+from omniquant.quant.recipes import LR_GROUPS, lr_group
 
 # A block's LET module is attached under this attribute while it is calibrated, so its parameters are saved,
-# restored and optimised together with the LWC logits (second AdamW group, lr let_lr).
+# restored and optimised together with the quantizers' (its own AdamW group, lr let_lr).
 LET_ATTR = "omniquant_let"
+SCHEDULES = ("linear", "cosine", "constant")
 
 
 def learned_state(block: nn.Module) -> dict[str, torch.Tensor]:
@@ -30,40 +43,90 @@ def set_learned(block: nn.Module, values: dict[str, torch.Tensor]) -> None:
             params[n].copy_(v)
 
 
+def schedule_factors(n_steps: int, kind: str) -> list[float]:
+    """Learning-rate factor of each step t = 0..n_steps-1 (1 at t = 0; linear/cosine reach 0 after the last)."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"lr schedule must be one of {SCHEDULES}, got {kind!r}")
+    if kind == "linear":
+        return [1 - t / n_steps for t in range(n_steps)]
+    if kind == "cosine":
+        return [0.5 * (1 + math.cos(math.pi * t / n_steps)) for t in range(n_steps)]
+    return [1.0] * n_steps
+
+
+def peak_lr(group: str, cfg: CalibConfig, factors: list[float]) -> float:
+    """The group's --<group>-lr when given, else its rate constant / sqrt(sum of the schedule factors)."""
+    g = LR_GROUPS[group]
+    explicit = getattr(cfg, g.field)
+    if explicit is not None:
+        return float(explicit)
+    return g.default_lr if g.rate is None else g.rate / math.sqrt(sum(factors))
+
+
+def param_groups(block: nn.Module, cfg: CalibConfig, factors: list[float]) -> list[dict]:
+    """AdamW parameter groups: one per learning-rate group present in the block, with its peak lr."""
+    by_group: dict[str, list] = {}
+    for n, p in block.named_parameters():
+        if p.requires_grad:
+            by_group.setdefault("let" if n.startswith(LET_ATTR) else lr_group(n), []).append(p)
+    return [{"params": ps, "lr": peak_lr(g, cfg, factors), "name": g} for g, ps in by_group.items()]
+
+
+def _loss(block, x, target, aug, kwargs, let, cuda: bool) -> torch.Tensor:
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        if let is not None:
+            let.apply_temporary()
+        out = block_forward(block, x, kwargs)
+        loss = torch.nn.functional.mse_loss(out.float(), target)
+        if aug is not None:
+            loss = loss + torch.nn.functional.mse_loss(out.float(), aug)
+    return loss
+
+
 def train_block(block, q_inps, fp_outs, aug_outs, kwargs, cfg: CalibConfig, let, bar_desc: str) -> dict:
-    """Optimise the block's learnable parameters in place; returns a log (losses, NaN event)."""
-    learnable = [(n, p) for n, p in block.named_parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for n, p in learnable if not n.startswith(LET_ATTR)], "lr": cfg.lwc_lr},
-        {"params": [p for n, p in learnable if n.startswith(LET_ATTR)], "lr": cfg.let_lr},
-    ]
-    groups = [g for g in groups if g["params"]]
+    """Optimise the block's learnable parameters in place; returns a log (epoch losses, peak lrs, best step, NaN)."""
     log = {"epoch_loss": [], "nan": None}
-    if not groups or cfg.epochs == 0:
+    batches_per_epoch = q_inps.shape[0] // cfg.batch_size
+    n_steps = cfg.epochs * batches_per_epoch
+    if n_steps == 0 or not any(p.requires_grad for p in block.parameters()):
         return log
+    factors = schedule_factors(n_steps, cfg.lr_schedule)
+    groups = param_groups(block, cfg, factors)
+    log["lr"] = {g["name"]: g["lr"] for g in groups}
     opt = torch.optim.AdamW(groups, weight_decay=cfg.wd)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: factors[t] if t < n_steps else 0.0)
     cuda = q_inps.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if cuda else None
-    last_good = learned_state(block)
-    n_steps = q_inps.shape[0] // cfg.batch_size
+
+    def batch(j):
+        sl = slice(j * cfg.batch_size, (j + 1) * cfg.batch_size)
+        return q_inps[sl], fp_outs[sl], None if aug_outs is None else aug_outs[sl]
+
+    kept, kept_loss, kept_step = None, math.inf, None  # keep-best: best so far; else: last finite
+
+    def keep(loss: float, step) -> None:
+        nonlocal kept, kept_loss, kept_step
+        if not cfg.keep_best or loss <= kept_loss:
+            kept, kept_loss, kept_step = learned_state(block), loss, step
+
+    def stop(where) -> dict:
+        set_learned(block, kept)
+        log["nan"] = where
+        tqdm.write(f"{bar_desc}: non-finite loss at {where}; restored the "
+                   f"{'best' if cfg.keep_best else 'last'} finite parameters (step {kept_step})")
+        return log
+
+    step = 0
     bar = tqdm(range(cfg.epochs), desc=bar_desc, leave=False)
     for epoch in bar:
         total = 0.0
-        for j in range(n_steps):
-            sl = slice(j * cfg.batch_size, (j + 1) * cfg.batch_size)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                if let is not None:
-                    let.apply_temporary()
-                out = block_forward(block, q_inps[sl], kwargs)
-                loss = torch.nn.functional.mse_loss(out.float(), fp_outs[sl])
-                if aug_outs is not None:
-                    loss = loss + torch.nn.functional.mse_loss(out.float(), aug_outs[sl])
+        for j in range(batches_per_epoch):
+            loss = _loss(block, *batch(j), kwargs, let, cuda)
             if not torch.isfinite(loss):
-                set_learned(block, last_good)
-                log["nan"] = {"epoch": epoch, "step": j}
-                tqdm.write(f"{bar_desc}: non-finite loss at epoch {epoch} step {j}; restored last finite parameters")
-                return log
-            last_good = learned_state(block)
+                if kept is None:  # the very first loss: nothing finite to go back to but the start
+                    kept, kept_step = learned_state(block), 0
+                return stop({"epoch": epoch, "step": j})
+            keep(float(loss.detach()), step)
             opt.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -72,15 +135,18 @@ def train_block(block, q_inps, fp_outs, aug_outs, kwargs, cfg: CalibConfig, let,
             else:
                 loss.backward()
                 opt.step()
+            sched.step()
+            step += 1
             total += float(loss.detach())
-        log["epoch_loss"].append(total / max(n_steps, 1))
+        log["epoch_loss"].append(total / batches_per_epoch)
         bar.set_postfix(loss=f"{log['epoch_loss'][-1]:.3e}")
-    # the parameters after the last step were never evaluated; check them once
+    # the parameters after the last step were never evaluated: score them on the first batch
     with torch.no_grad():
-        if let is not None:
-            let.apply_temporary()
-        probe = block_forward(block, q_inps[: cfg.batch_size], kwargs)
-    if not torch.isfinite(probe).all():
-        set_learned(block, last_good)
-        log["nan"] = {"epoch": cfg.epochs, "step": "final"}
+        final = _loss(block, *batch(0), kwargs, let, cuda)
+    if not torch.isfinite(final):
+        return stop({"epoch": cfg.epochs, "step": "final"})
+    keep(float(final), step)
+    set_learned(block, kept)
+    if cfg.keep_best:
+        log["best"] = {"step": kept_step, "of": n_steps, "loss": kept_loss}
     return log

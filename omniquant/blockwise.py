@@ -5,7 +5,8 @@ quantized blocks 0..i-1):
 
     target = F_i(X_fp)                          (full-precision block on the fp stream)
     minimise  MSE(F_i^q(X_q; Θ), target)       (+ MSE(F_i^q(X_q), F_i(X_q)) with aug_loss)
-    over Θ = LWC logits (and LET scales/shifts), weights frozen; AdamW, one window per step, `epochs` passes.
+    over Θ = the recipe's quantizer parameters (LWC logits; + rounding offsets; Block-AP's scale, zero and weight
+    deltas: --recipe, quant/recipes.py) and LET scales/shifts; AdamW on mini-batches, `epochs` passes (block_train.py).
 
 Then the learned transform is fused into the weights (quantized in place), X_fp <- target, X_q <- F_i^q(X_q).
 Learned parameters of each finished block are saved atomically, so a killed run resumes bit for bit.
@@ -40,6 +41,7 @@ from omniquant.config import CalibConfig
 from omniquant.errors import UserError
 from omniquant.models.base import Adapter
 from omniquant.quant.qlinear import QuantLinear, replace_linears, restore_linears
+from omniquant.quant.recipes import resolve_recipe
 from omniquant.quant.spec import WeightQuantSpec
 from omniquant.streams import StreamFactory
 
@@ -134,17 +136,21 @@ _DIRECT_PATH = True
 
 
 def learns_nothing(cfg: CalibConfig) -> bool:
-    """True when calibration has nothing to learn or to apply besides the weight quantizer at its initial clipping:
-    no LWC training (epochs 0 or --no-lwc), no LET, weight-only (no activation / KV quantizers). Then a block's
+    """True when calibration has nothing to learn or to apply besides the weight quantizer at its init: no training
+    (epochs 0, or recipe lwc with --no-lwc; every recipe starts at LWC's init or round-to-nearest), no LET, weight-only (no activation / KV quantizers). Then a block's
     quantized weights depend on its own float weights only (aug_loss changes a loss that is never minimised), so the
     calibration windows are not needed and the block inputs are neither captured nor streamed through the blocks."""
-    return (_DIRECT_PATH and (cfg.epochs == 0 or not cfg.lwc) and not cfg.let
-            and cfg.abits == 16 and cfg.kv_bits == 16)
+    return (_DIRECT_PATH and (cfg.epochs == 0 or (not cfg.lwc and resolve_recipe(cfg.recipe, cfg.wbits).name == "lwc"))
+            and not cfg.let and cfg.abits == 16 and cfg.kv_bits == 16)
 
 
 def _quant_linears(block: nn.Module, adapter: Adapter, spec: WeightQuantSpec, cfg: CalibConfig,
                    act_quantizer_factory=None) -> dict[str, QuantLinear]:
-    qlinears = replace_linears(block, adapter.linears, lambda lin: QuantLinear(lin, spec, lwc=cfg.lwc))
+    """Swap the block's linears for QuantLinears with the recipe's weight quantizer (at init: the nothing-learned
+    quantizer of `learns_nothing`, bit for bit)."""
+    recipe = resolve_recipe(cfg.recipe, cfg.wbits)
+    qlinears = replace_linears(block, adapter.linears, lambda lin: QuantLinear(
+        lin, spec, quantizer=recipe.make(tuple(lin.weight.shape), spec, lwc=cfg.lwc)))
     if act_quantizer_factory is not None:
         for name, q in qlinears.items():
             q.act_quantizer = act_quantizer_factory(name)

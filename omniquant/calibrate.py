@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from omniquant.block_train import SCHEDULES
 from omniquant.blockwise import RunState, calibrate_model, learns_nothing
 from omniquant.config import SUPPORTED_ABITS, CalibConfig
 from omniquant.data import load_tokens, sample_windows
@@ -17,6 +18,7 @@ from omniquant.errors import UserError
 from omniquant.hub import resolve_model
 from omniquant.models import get_adapter
 from omniquant.ppl import config_window_bos
+from omniquant.quant.recipes import LR_GROUPS, resolve_recipe
 from omniquant.quant.spec import SUPPORTED_WBITS
 
 
@@ -32,6 +34,12 @@ def validate(cfg: CalibConfig) -> None:
     for name in ("epochs", "nsamples", "seqlen", "batch_size"):
         if getattr(cfg, name) < (0 if name == "epochs" else 1):
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    resolve_recipe(cfg.recipe, cfg.wbits)  # UserError for an unknown recipe
+    if cfg.lr_schedule not in SCHEDULES:
+        raise UserError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {cfg.lr_schedule!r}")
+    for g in LR_GROUPS.values():
+        if getattr(cfg, g.field) is not None and not getattr(cfg, g.field) > 0:
+            raise UserError(f"--{g.field.replace('_', '-')} must be positive, got {getattr(cfg, g.field)}")
     if cfg.nsamples % cfg.batch_size:
         raise UserError(f"--nsamples ({cfg.nsamples}) must be a multiple of --batch-size ({cfg.batch_size})")
 
@@ -94,6 +102,7 @@ def _quant_config(cfg: CalibConfig, model_type: str, model_path, result, wall: f
     quant_config = {
         "wbits": cfg.wbits, "abits": cfg.abits, "kv_bits": cfg.kv_bits, "group_size": cfg.group_size,
         "symmetric": cfg.symmetric, "lwc": cfg.lwc, "let": cfg.let,
+        "recipe": resolve_recipe(cfg.recipe, cfg.wbits).name,
         "model_type": model_type, "source_model": str(model_path),
         "calibration": {**cfg.to_dict(), "wall_time_s": round(wall, 2), "nan_blocks": nan_blocks,
                         "block_log": result.block_log},

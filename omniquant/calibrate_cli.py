@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 
+from omniquant.block_train import SCHEDULES
 from omniquant.config import CalibConfig
 from omniquant.hub import add_model_arguments
+from omniquant.quant.recipes import BEST, LR_GROUPS, RECIPE_CHOICES
 
 D = CalibConfig()
 
@@ -33,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights per quantization group along the input dim; -1 = per output channel")
     p.add_argument("--symmetric", action="store_true", help="symmetric (MLC-style, zero = 2^(b-1)-1)")
     p.add_argument("--lwc", action=argparse.BooleanOptionalAction, default=D.lwc,
-                   help="Learnable Weight Clipping (on by default; --no-lwc --epochs 0 = round-to-nearest)")
+                   help="Learnable Weight Clipping (on by default; --no-lwc --epochs 0 = round-to-nearest; with "
+                        "--recipe lwc+round, --no-lwc learns the rounding offsets only; blockap has no LWC)")
     p.add_argument("--let", action="store_true", help="Learnable Equivalent Transformation (weight-activation runs)")
     p.add_argument("--alpha", type=float, default=D.alpha, help="SmoothQuant-style LET scale init exponent")
     p.add_argument("--act-stats", default=None, metavar="FILE",
@@ -42,9 +45,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=D.epochs, help="passes over the calibration windows per block (0 = no training)")
     p.add_argument("--nsamples", type=int, default=D.nsamples, help="number of calibration windows")
     p.add_argument("--seqlen", type=int, default=D.seqlen, help="tokens per calibration window")
-    p.add_argument("--batch-size", "--batch_size", type=int, default=D.batch_size)
-    p.add_argument("--lwc-lr", "--lwc_lr", type=float, default=D.lwc_lr)
-    p.add_argument("--let-lr", "--let_lr", type=float, default=D.let_lr)
+    p.add_argument("--batch-size", "--batch_size", type=int, default=D.batch_size,
+                   help="calibration windows per optimizer step (--nsamples must be a multiple)")
+    p.add_argument("--recipe", default=D.recipe, choices=RECIPE_CHOICES,
+                   help="what is learned per quantized linear: lwc (clipping, OmniQuant), lwc+round (+ rounding "
+                        "offsets), blockap (scale, zero and the weights, EfficientQAT Block-AP), best (the bench's "
+                        "best for --wbits: " + ", ".join(f"W{b} {r}" for b, r in BEST.items()) + "); with --let too")
+    lr_help = "peak learning rate of the {} in {} (default: budget-aware, {:g} / sqrt(sum of the schedule's factors))"
+    for group, what in (("lwc", "LWC clipping logits"), ("round", "rounding offsets (lwc+round)"),
+                        ("scale", "Block-AP log-scales"), ("zero", "Block-AP zero points"),
+                        ("weight", "Block-AP weights")):
+        g = LR_GROUPS[group]
+        names = [f"--{group}-lr"] + (["--lwc_lr"] if group == "lwc" else [])  # the official spelling too
+        p.add_argument(*names, type=float, default=getattr(D, g.field), help=lr_help.format(what, g.unit, g.rate))
+    p.add_argument("--let-lr", "--let_lr", type=float, default=D.let_lr, help="peak learning rate of LET's scales and shifts")
+    p.add_argument("--lr-schedule", default=D.lr_schedule, choices=SCHEDULES,
+                   help="learning-rate decay over each block's steps: linear / cosine to 0, or constant")
+    p.add_argument("--no-keep-best", dest="keep_best", action="store_false",
+                   help="keep the parameters after the last step instead of those with the lowest step loss")
     p.add_argument("--wd", type=float, default=D.wd, help="AdamW weight decay")
     p.add_argument("--aug-loss", "--aug_loss", action="store_true",
                    help="also match the fp block's output on the quantized input stream")

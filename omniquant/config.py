@@ -16,12 +16,20 @@ class CalibConfig:
     symmetric: bool = False
     lwc: bool = True
     let: bool = False
+    recipe: str = "lwc"  # what is learned per quantized linear: lwc, lwc+round, blockap, best (quant/recipes.py)
     epochs: int = 20
     nsamples: int = 128
     seqlen: int = 2048
     batch_size: int = 1
-    lwc_lr: float = 1e-2
+    # peak learning rates; None: budget-aware default (quant/recipes.py LR_GROUPS: budget / sum of schedule factors)
+    lwc_lr: float | None = None
+    round_lr: float | None = None
+    scale_lr: float | None = None
+    zero_lr: float | None = None
+    weight_lr: float | None = None
     let_lr: float = 5e-3
+    lr_schedule: str = "linear"  # linear / cosine decay to 0 over the block's steps, or constant
+    keep_best: bool = True  # keep the parameters of the lowest step loss (AutoRound's rule)
     wd: float = 0.0
     alpha: float = 0.5
     act_stats: str | None = None  # LET init statistics file (default: <output>.act_stats.safetensors, reused)

@@ -62,3 +62,24 @@ def tiny_gemma3_text_dir(tmp_path_factory):
 def tiny_gemma3_dir(tmp_path_factory):
     """Multimodal Gemma 3 (Gemma3ForConditionalGeneration) around the same kind of text model."""
     return _tiny(tmp_path_factory, "gemma3")
+
+
+def capture_block0(model_dir, calib_text: str, n: int = 8, seqlen: int = 64):
+    """(adapter, frozen block 0, its captured inputs [n, seqlen, H], its kwargs, its fp outputs) of a tiny model on
+    seeded calibration windows: for tests that train one block directly."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from omniquant.capture import block_forward, capture_block_inputs
+    from omniquant.data import load_tokens, sample_windows
+    from omniquant.models import get_adapter
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    adapter = get_adapter(model.config.model_type)
+    blocks = adapter.blocks(model)
+    x, block_kwargs = capture_block_inputs(model, blocks, sample_windows(load_tokens(tok, calib_text), n, seqlen, 0))
+    block = blocks[0].requires_grad_(False)
+    with torch.no_grad():
+        target = torch.cat([block_forward(block, x[i : i + 1], block_kwargs[0]) for i in range(len(x))])
+    return adapter, block, x, block_kwargs[0], target

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -252,13 +253,13 @@ def test_jobs_and_threads_defaults(monkeypatch):
         quality._jobs_and_threads(parse("--jobs", "0"))
 
 
-def test_quick_autoround_budget_equals_omniquant_and_lwc_lr_is_forwarded(tmp_path):
-    from bench.methods import METHODS
+def test_quick_budget_is_the_same_for_every_method_and_recipes_are_forwarded(tmp_path):
+    from bench.methods import METHODS, OURS, runs
     from bench.quality import FULL, QUICK, _method_cmd
 
-    # the same windows of 512 tokens per block: AutoRound iters x batch = OmniQuant epochs x calibration windows
+    # the same window-passes of 512 tokens per block: AutoRound iters x batch = OmniQuant epochs x windows
     assert QUICK.autoround_iters * QUICK.autoround_batch == QUICK.epochs * QUICK.n_calib
-    assert FULL.lwc_lr == 1e-2 and QUICK.lwc_lr > FULL.lwc_lr
+    assert QUICK.n_calib % QUICK.batch_size == 0 and QUICK.lwc_lr is None and FULL.lwc_lr is None
     s = parse_setting("w3g128")
 
     def cmd(name, cfg):
@@ -267,9 +268,34 @@ def test_quick_autoround_budget_equals_omniquant_and_lwc_lr_is_forwarded(tmp_pat
 
     assert cmd("autoround", QUICK)["--iters"] == str(QUICK.autoround_iters)
     assert cmd("autoround", QUICK)["--batch-size"] == str(QUICK.autoround_batch)
-    omni = cmd("omniquant", QUICK)
-    assert float(omni[omni.index("--lwc-lr") + 1]) == QUICK.lwc_lr
-    assert "--lwc-lr" not in cmd("rtn", QUICK)
+    for name, recipe in zip(OURS, ("lwc", "lwc+round", "blockap")):
+        c = cmd(name, QUICK)
+        assert c[c.index("--recipe") + 1] == recipe and c[c.index("--batch-size") + 1] == str(QUICK.batch_size)
+        assert c[c.index("--epochs") + 1] == str(QUICK.epochs) and "--lwc-lr" not in c
+    c = cmd("omniquant", dataclasses.replace(QUICK, lwc_lr=0.3))
+    assert float(c[c.index("--lwc-lr") + 1]) == 0.3
+    assert "--lwc-lr" not in cmd("rtn", QUICK) and "--epochs" not in cmd("omniquant-small", QUICK)
+    assert "--cli-defaults" in cmd("omniquant-small", QUICK)
+    assert runs(METHODS["omniquant-small"], s) and not runs(METHODS["omniquant-small"], parse_setting("w2g128"))
+
+
+def test_goal_check_names_the_best_recipe_against_fully_quantized_peers():
+    from bench.quality import goal_check
+
+    def r(p, skipped=0, t=None):
+        return {"ppl": p, "n_skipped": skipped, "n_linears": 210, "bpw": 2.3, "calib_seconds": t}
+
+    results = {"w3g128": {"rtn": r(85.0), "omniquant": r(40.0, t=100), "omniquant-blockap": r(30.0, t=150),
+                          "omniquant-small": r(50.0), "autoround": r(31.0, t=200), "gptq": r(25.0, skipped=180)},
+               "w2g128": {"omniquant-round": r(60.0, t=250), "autoround": r(55.0, t=200)}}
+    best, goal = goal_check([parse_setting("w3g128"), parse_setting("w2g128")], results, fp_ppl=20.0)
+    assert best == {"w3g128": 30.0, "w2g128": 55.0}
+    assert goal[0].startswith("w3g128: met (omniquant-blockap 30.00 < autoround 31.00)") and "gptq 25.00" in goal[0]
+    assert goal[1] == "w2g128: NOT met (autoround 55.00 <= omniquant-round 60.00)"
+    assert goal[2] == "W2g128 <= 2 x FP (40.00): NOT met (omniquant-round 60.00 = 3.00 x FP)"
+    assert goal[3].endswith("w3g128 met (omniquant-blockap 150 s vs AutoRound 200 s), "
+                            "w2g128 NOT met (omniquant-round 250 s vs AutoRound 200 s)")
+    assert "w3g128: met (54%: RTN 85.00 -> 50.00, FP 20.00)" in goal[4]
 
 
 # A stand-in method script: the real contract (bench/peers/common.py), a perturbed copy of one linear, a sleep so
@@ -372,3 +398,26 @@ def test_weight_act_scoring_equals_load_quantized(tiny_llama_dir, tiny_tok, cali
     weights_only = ev.perplexity_with(tmp_path / "out" / "weights.safetensors")
     assert weights_only != pytest.approx(wa, rel=1e-4)  # the activation quantizers did act, and are off again
     assert ev.perplexity_with(tmp_path / "out" / "weights.safetensors") == weights_only
+
+
+@pytest.mark.slow
+def test_our_recipe_rows_run_end_to_end(tiny_llama_dir, tmp_path):
+    """The real method script (bench/peers/omniquant_ours.py) for RTN, a recipe and the CLI-defaults row on the tiny
+    model: each scored, with its recipe, batch size and learning rates in the report."""
+    from bench import quality
+
+    out = tmp_path / "out"
+    argv = ["--quick", "--model", str(tiny_llama_dir), "--out", str(out), "--settings", "w3g128",
+            "--methods", "rtn,omniquant-blockap,omniquant-small", "--n-calib", "2", "--n-eval", "1", "--epochs", "1",
+            "--jobs", "1", "--threads", "1"]
+    assert quality.main(argv) == 0
+    rep = json.loads((out / "quality.json").read_text())
+    rs = rep["results"]["w3g128"]
+    assert set(rs) == {"rtn", "omniquant-blockap", "omniquant-small"}
+    assert all(math.isfinite(r["ppl"]) for r in rs.values()), rs
+    assert rs["omniquant-blockap"]["notes"].startswith("blockap, 1 epochs x 2 x 512 tokens, batch 1, linear lr: scale")
+    assert rs["omniquant-small"]["notes"].startswith("lwc, 2 epochs x 16 x 256 tokens, batch 1, linear lr: lwc")
+    assert rs["rtn"]["notes"].startswith("round-to-nearest")
+    meta = json.loads((out / "quality-quick" / "w3g128" / "omniquant-blockap" / "meta.json").read_text())
+    assert set(meta["learning_rates"]) == {"scale", "zero", "weight"}
+    assert rep["best_recipe"]["w3g128"] == "omniquant-blockap"  # the only one of OURS here

@@ -8,15 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import capture_block0
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from omniquant.block_train import train_block
 from omniquant.calibrate import quantize_in_memory
-from omniquant.capture import block_forward, capture_block_inputs
+from omniquant.capture import block_forward
 from omniquant.cli import main
 from omniquant.config import CalibConfig
-from omniquant.data import load_tokens, sample_windows
+from omniquant.data import load_tokens
 from omniquant.models import get_adapter
 from omniquant.ppl import perplexity
 from omniquant.quant.codes import dequantize, recompute_codes
@@ -27,16 +28,7 @@ SMALL = dict(nsamples=8, seqlen=64, seed=0)
 
 
 def _block0_mse(model_dir, calib_text, lwc: bool, bits=2, gs=64, epochs=4):
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    adapter = get_adapter(model.config.model_type)
-    windows = sample_windows(load_tokens(tok, calib_text), 8, 64, seed=0)
-    blocks = adapter.blocks(model)
-    x, block_kwargs = capture_block_inputs(model, blocks, windows)
-    kwargs = block_kwargs[0]
-    block = blocks[0].requires_grad_(False)
-    with torch.no_grad():
-        target = torch.cat([block_forward(block, x[i : i + 1], kwargs) for i in range(len(x))])
+    adapter, block, x, kwargs, target = capture_block0(model_dir, calib_text)
     spec = WeightQuantSpec(bits, gs)
     replace_linears(block, adapter.linears, lambda lin: QuantLinear(lin, spec, lwc=lwc))
     cfg = CalibConfig(wbits=bits, group_size=gs, epochs=epochs, nsamples=8, seqlen=64)

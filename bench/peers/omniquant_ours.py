@@ -1,6 +1,10 @@
 """This project's methods through its public API: ``omniquant.calibrate.calibrate_checkpoint``.
 
-    --method omniquant   LWC (learnable weight clipping), ``--epochs`` epochs at LWC learning rate ``--lwc-lr``
+    --method omniquant   the block loop with ``--recipe`` (lwc, lwc+round, blockap), ``--epochs`` passes over the
+                         windows in mini-batches of ``--batch-size``, budget-aware learning rates (``--lwc-lr``
+                         etc. override the peak rate); ``--cli-defaults``: a new user's run, ``omniquant calibrate``
+                         defaults with 2 epochs x 16 windows of 256 tokens drawn by itself (seed 2), not the shared
+                         windows
     --method rtn         plain round-to-nearest: epochs=0, lwc=False (same format, same padding rule; the weights
                          are quantized directly, see ``omniquant.blockwise.learns_nothing``)
 
@@ -24,8 +28,12 @@ from common import (load_model, load_windows, parse_args, quantizable_linears, s
 
 def _extra(ap):
     ap.add_argument("--method", choices=("omniquant", "rtn"), required=True)
+    ap.add_argument("--recipe", default="lwc")
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--lwc-lr", type=float, default=1e-2, help="LWC learning rate (calibrate_checkpoint's lwc_lr)")
+    ap.add_argument("--batch-size", type=int, default=1, help="calibration windows per optimizer step")
+    ap.add_argument("--lwc-lr", type=float, default=None, help="peak LWC learning rate (default: budget-aware)")
+    ap.add_argument("--cli-defaults", action="store_true",
+                    help="omniquant calibrate's defaults at the small budget 2 epochs x 16 x 256 (own windows)")
     ap.add_argument("--calib-data", required=True, help="the text source the windows were cut from")
     ap.add_argument("--keep-checkpoint", action="store_true")
 
@@ -44,6 +52,10 @@ def main() -> None:
     ours = sample_windows(load_tokens(tok, args.calib_data), n, seqlen, args.seed)
     if not torch.equal(ours, windows):
         sys.exit("calibrate_checkpoint would draw different calibration windows than the shared file")
+    settings = {"recipe": args.recipe, "epochs": args.epochs, "batch_size": args.batch_size, "lwc_lr": args.lwc_lr,
+                "nsamples": n, "seqlen": seqlen, "seed": args.seed}
+    if args.cli_defaults:  # only what a new user types: everything else (seed, batch size, rates) is the default
+        settings = {"recipe": args.recipe, "epochs": 2, "nsamples": 16, "seqlen": 256}
     base = load_model(args.model)
     fp_loss0 = window_loss(base, windows[0])
     names = list(quantizable_linears(base))
@@ -53,10 +65,11 @@ def main() -> None:
     ckpt = args.out / "checkpoint"
     rtn = args.method == "rtn"
     weight_act = args.abits < 16  # OmniQuant's W4A4 / W6A6 recipe: LWC + LET, per-token activations
+    if rtn:
+        settings.update(epochs=0, recipe="lwc")
     calibrate_checkpoint(args.model, ckpt, overwrite=True, wbits=args.wbits, group_size=args.group_size,
                          symmetric=False, lwc=not rtn, let=weight_act and not rtn, abits=args.abits,
-                         epochs=0 if rtn else args.epochs, lwc_lr=args.lwc_lr, nsamples=n, seqlen=seqlen,
-                         calib_data=args.calib_data, seed=args.seed)
+                         calib_data=args.calib_data, **settings)
     qc = json.loads((ckpt / "quant_config.json").read_text())
     state = load_file(str(ckpt / "model.safetensors"))
     weights = {name: state[f"{name}.weight"] for name in names}
@@ -68,8 +81,13 @@ def main() -> None:
         if offsets_file.exists() else None
     if not args.keep_checkpoint:
         shutil.rmtree(ckpt)
+    cal = qc["calibration"]
+    first_lr = next((b["lr"] for b in cal.get("block_log") or [] if b.get("lr")), {})  # RTN: none
+    lrs = ", ".join(f"{g} {lr:.3g}" for g, lr in first_lr.items())
     what = "round-to-nearest, asymmetric integer zero" if rtn else (
-        f"LWC{' + LET' if weight_act else ''}, {args.epochs} epochs, lwc lr {args.lwc_lr:g}")
+        f"{qc['recipe']}{' + LET' if weight_act else ''}, {cal['epochs']} epochs x {cal['nsamples']} x "
+        f"{cal['seqlen']} tokens, batch {cal['batch_size']}, {cal['lr_schedule']} lr: {lrs}"
+        + (" (CLI defaults, own windows, seed 2)" if args.cli_defaults else ""))
     if weight_act:
         what += f"; activations {args.abits}-bit per-token dynamic asymmetric"
     padding = "in_features not divisible by the group size: ragged last group, edge padding (docs/formats.md)"
@@ -77,7 +95,9 @@ def main() -> None:
                 packages=("omniquant-mlc",), notes=f"{what}; {padding}", other_params=other, act_offsets=offsets,
                 extra={"abits": args.abits,
                        "calibration_settings": {k: qc["calibration"].get(k) for k in
-                                                ("epochs", "nsamples", "seqlen", "lwc", "let", "lwc_lr", "seed")}})
+                                                ("recipe", "epochs", "nsamples", "seqlen", "batch_size", "lwc",
+                                                 "let", "lwc_lr", "lr_schedule", "keep_best", "seed")},
+                       "learning_rates": first_lr or None})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """A linear layer that runs with a fake-quantized weight during calibration.
 
-The full-precision weight stays frozen; only the quantizer's parameters (LWC logits) learn. Before a forward, the
-block-level LET code may set `temp_weight` / `temp_bias` (the transformed weight); otherwise the frozen weight is used.
+The full-precision weight stays frozen; only the quantizer's parameters learn (the recipe's: LWC logits, rounding
+offsets, Block-AP's scale/zero/weight delta, see quant/recipes.py). Before a forward, the block-level LET code may
+set `temp_weight` / `temp_bias` (the transformed weight); otherwise the frozen weight is used.
 """
 
 from __future__ import annotations
@@ -11,16 +12,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from omniquant.quant.fakequant import GroupQuantizer
 from omniquant.quant.lwc import LWCQuantizer
 from omniquant.quant.spec import WeightQuantSpec
 
 
 class QuantLinear(nn.Module):
-    def __init__(self, linear: nn.Linear, spec: WeightQuantSpec, lwc: bool = True, act_quantizer: nn.Module | None = None):
+    def __init__(self, linear: nn.Linear, spec: WeightQuantSpec, lwc: bool = True, act_quantizer: nn.Module | None = None,
+                 quantizer: GroupQuantizer | None = None):
+        """quantizer: the recipe's weight fake-quantizer (default: LWC, or round-to-nearest with lwc=False)."""
         super().__init__()
         self.linear = linear
         self.linear.requires_grad_(False)
-        self.wquant = LWCQuantizer(tuple(linear.weight.shape), spec, lwc=lwc)
+        self.wquant = quantizer if quantizer is not None else LWCQuantizer(tuple(linear.weight.shape), spec, lwc=lwc)
         self.act_quantizer = act_quantizer
         self.temp_weight: torch.Tensor | None = None
         self.temp_bias: torch.Tensor | None = None
@@ -41,9 +45,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_quantizer is not None:
             x = self.act_quantizer(x)
-        logits = self.wquant.upbound_factor
-        if torch.is_grad_enabled() and logits is not None and logits.requires_grad:
-            # While LWC trains, the fake-quant weight and its [N, K] intermediates (4-5 weight-sized tensors) are not
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.wquant.parameters()):
+            # While the recipe trains, the fake-quant weight and its [N, K] intermediates (4-5 weight-sized tensors) are not
             # kept for the backward pass but recomputed there (activation checkpointing: same values, same
             # gradients), so a block trains in about its own size plus one linear's temporaries (7B: a 0.8 GB
             # float32 block calibrates in < 3 GB instead of 4).

@@ -1,0 +1,112 @@
+"""What every weight recipe shares: straight-through estimators and the group fake-quantizer they all export through.
+
+Per group g of a weight W [N, K] (grouped along K, see `spec.to_groups`), a recipe supplies scale s_g (float16-exact)
+and integer zero z_g (and, optionally, a per-weight rounding offset v in [-0.5, 0.5]):
+
+    q = clamp(round(W / s + v) + z, 0, qmax),   W_q = (q - z) * s
+
+so every recipe exports the same integer codes + fp16 scales + zeros, and `dequantize(codes) == W_q` bit for bit
+(|q - z| <= 255 and an fp16 scale multiply exactly in float32).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from omniquant.quant.spec import WeightQuantSpec, from_groups, to_groups
+
+SCALE_MIN, SCALE_MAX = 1e-5, 1e4
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    return (x.round() - x).detach() + x
+
+
+def fp16_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest float16 value (kept in x's dtype) with identity gradient."""
+    return (x.to(torch.float16).to(x.dtype) - x).detach() + x
+
+
+def minmax_qparams(xmax: torch.Tensor, xmin: torch.Tensor, spec: WeightQuantSpec, scale_mult=None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group range [xmin, xmax] -> (scale [N, G] fp16-exact, zero [N, G] integer-valued, zero before rounding).
+
+    asymmetric: scale = (max(xmax,0) - min(xmin,0)) / qmax * mult,  zero = -min(xmin,0) / scale
+    symmetric : scale = max(|xmax|, |xmin|) / (2^(b-1) - 1) * mult, zero = 2^(b-1) - 1   (MLC convention)
+    The range always contains 0, so zero lies in [0, qmax] and a constant group is exact.
+    """
+    if spec.symmetric:
+        s = torch.maximum(xmax.abs(), xmin.abs()) / spec.sym_zero
+    else:
+        xmax, xmin = xmax.clamp(min=0), xmin.clamp(max=0)
+        s = (xmax - xmin) / spec.qmax
+    if scale_mult is not None:
+        s = s * scale_mult
+    scale = fp16_ste(s.clamp(SCALE_MIN, SCALE_MAX))
+    if spec.symmetric:
+        zf = torch.full_like(scale, spec.sym_zero)
+        return scale, zf, zf
+    zf = -xmin / scale
+    return scale, round_ste(zf).clamp(0, spec.qmax), zf
+
+
+class GroupQuantizer(nn.Module):
+    """Base of the weight recipes' fake-quantizers for one linear's weight [N, K].
+
+    A subclass implements `qparams(w) -> (scale [N, G], zero [N, G])` and may override `grouped(w)` (the weight that
+    is rounded, in groups [N, G, gs], e.g. w + a learned delta) and `offset()` (the rounding offset v [N, K] in
+    quantization steps, or None). `LR_GROUPS` maps each of its parameter names to a learning-rate group of
+    `omniquant.quant.recipes.LR_GROUPS`.
+    """
+
+    LR_GROUPS: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, weight_shape: tuple[int, int], spec: WeightQuantSpec):
+        super().__init__()
+        self.spec = spec
+        self.in_features = weight_shape[1]
+        self.group_size, self.n_groups = spec.groups(self.in_features)
+        self._stats_of = None  # (weight, its version, (groups, max, min)): see `stats`
+
+    def stats(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w in groups [N, G, gs] (edge-padded), group max [N, G], group min [N, G]).
+
+        Cached for a weight that needs no gradient (the frozen weight: every training step quantizes the same
+        tensor); the cache holds the tensor itself and its version counter, so an in-place change (LET fusion,
+        the export's copy) or another tensor recomputes it."""
+        c = self._stats_of
+        if c is not None and c[0] is w and c[1] == w._version:
+            return c[2]
+        wg = to_groups(w, self.group_size)
+        out = (wg, wg.amax(-1), wg.amin(-1))
+        self._stats_of = None if w.requires_grad else (w, w._version, out)
+        return out
+
+    def qparams(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def grouped(self, w: torch.Tensor) -> torch.Tensor:
+        return self.stats(w)[0]
+
+    def offset(self) -> torch.Tensor | None:
+        return None
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        """Fake-quantized weight, same shape and dtype as w."""
+        scale, zero = self.qparams(w)
+        x = self.grouped(w) / scale[..., None]
+        v = self.offset()
+        if v is not None:
+            x = x + to_groups(v, self.group_size).to(x.dtype)
+        q = (round_ste(x) + zero[..., None]).clamp(0, self.spec.qmax)
+        return from_groups((q - zero[..., None]) * scale[..., None], self.in_features)
+
+    @torch.no_grad()
+    def export(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(fake-quant weight float32 [N,K], scales float32 [N,G] (fp16-exact), zeros int32 [N,G])."""
+        w = w.float()
+        scale, zero = self.qparams(w)
+        return self.forward(w), scale.float(), zero.round().to(torch.int32)
