@@ -245,7 +245,7 @@ def _calibrate_blockwise(model, blocks, adapter, windows, cfg, state, resume, ma
     device = torch.device(cfg.device)
     spec = WeightQuantSpec(cfg.wbits, cfg.group_size, cfg.symmetric)
     done = state.open(resume)
-    shape = (windows.shape[0], windows.shape[1], model.config.hidden_size)
+    shape = (windows.shape[0], windows.shape[1], model.config.get_text_config().hidden_size)
     factory = StreamFactory(shape, device, streams, scratch=state.path / "streams", count=3 if cfg.aug_loss else 2)
     try:
         fp = factory.new()

@@ -44,6 +44,18 @@ def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         mod._buffers[attr] = tensor
 
 
+def checkpoint_renames(model: nn.Module, stored_names) -> dict[str, str]:
+    """stored name -> the model's name, under transformers' own load-time renames for this model class (Gemma 3
+    checkpoints store `language_model.model.*`, the model calls it `model.language_model.*`). Weight converters
+    (tensors fused or split at load) are not applied: a checkpoint that needs one is refused, naming the tensor."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    meta = model.state_dict()
+    return {n: rename_source_key(n, renamings, [], model.base_model_prefix, meta)[0] for n in stored_names}
+
+
 class LazyCheckpoint:
     """`model_path`'s config, a meta-device model of it, and its tensors on disk.
 
@@ -68,8 +80,11 @@ class LazyCheckpoint:
         self.model.eval()
         self.model.config.use_cache = False
         meta = self.model.state_dict(keep_vars=True)
+        names = state_names(self.model)
+        if any(n not in self.reader for n in names):
+            self.reader.rename(checkpoint_renames(self.model, self.reader.names()))
         self.specs: dict[str, tuple[torch.dtype, list[int]]] = {}
-        for name in state_names(self.model):
+        for name in names:
             if name not in self.reader:
                 raise UserError(f"{self.path}: the checkpoint has no tensor {name}, which transformers' "
                                 f"{type(self.model).__name__} needs (a different layout or an incomplete checkpoint)")

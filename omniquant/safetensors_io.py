@@ -70,6 +70,7 @@ class SafetensorsDir:
                             f"({len(missing)} of {len(files)} shards missing; incomplete download?)")
         self.file_of: dict[str, str] = {}
         self._info: dict[str, tuple[str, list[int]]] = {}
+        self._stored_name: dict[str, str] = {}  # name -> name in the file, where rename() changed it
         for f in files:
             try:
                 with safe_open(self.directory / f, framework="pt") as h:
@@ -85,6 +86,13 @@ class SafetensorsDir:
 
     def names(self) -> list[str]:
         return list(self.file_of)
+
+    def rename(self, new_of_stored: dict[str, str]) -> None:
+        """Address tensors by other names (stored name -> new name; absent names keep theirs); `get` still reads
+        the stored one. Used for transformers' load-time key renames (Gemma 3: `language_model.model.*`)."""
+        self._stored_name = {new_of_stored.get(n, n): self._stored_name.get(n, n) for n in self.file_of}
+        self.file_of = {new_of_stored.get(n, n): f for n, f in self.file_of.items()}
+        self._info = {new_of_stored.get(n, n): i for n, i in self._info.items()}
 
     def __contains__(self, name: str) -> bool:
         return name in self.file_of
@@ -107,7 +115,7 @@ class SafetensorsDir:
         from safetensors import safe_open
 
         with safe_open(self.directory / self.file_of[name], framework="pt") as h:
-            return h.get_tensor(name)
+            return h.get_tensor(self._stored_name.get(name, name))
 
     def by_file(self, names: Iterable[str] | None = None) -> list[tuple[str, list[str]]]:
         """(file, names in it) in file order: processing shard by shard keeps one shard's pages warm at a time."""
