@@ -438,7 +438,7 @@ def _write_report(args, cfg, settings, methods, model_dir, n_eval, fp_ppl, resul
                                key=lambda n: results[s][n]["ppl"], default=None) for s in results},
         "not_run": NOT_RUN,
         "run": {
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores ({cpu_model()}), "
                        f"no GPU, shared with other jobs",
             "mode": "quick" if args.quick else "full",

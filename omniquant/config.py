@@ -42,7 +42,7 @@ class CalibConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CalibConfig":
+    def from_dict(cls, d: dict) -> CalibConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 

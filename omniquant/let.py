@@ -66,7 +66,7 @@ class AttnShape:
         self.n_rep = n_heads // n_kv
 
     @classmethod
-    def from_config(cls, config) -> "AttnShape":
+    def from_config(cls, config) -> AttnShape:
         config = config.get_text_config() if hasattr(config, "get_text_config") else config
         n_heads = config.num_attention_heads
         n_kv = getattr(config, "num_key_value_heads", None) or n_heads

@@ -371,10 +371,9 @@ def test_weight_act_scoring_equals_load_quantized(tiny_llama_dir, tiny_tok, cali
 
     from bench.evaluate import Evaluator
     from bench.methods import METHODS, runs
-    from bench.quality import REPO, _method_cmd, QUICK
+    from bench.quality import QUICK, REPO, _method_cmd
     from bench.windows import prepare_windows
     from omniquant import load_quantized
-    from omniquant.data import load_tokens
 
     s = parse_setting("w4a4")
     assert runs(METHODS["omniquant"], s) and runs(METHODS["smoothquant"], s) and not runs(METHODS["gptq"], s)

@@ -129,9 +129,9 @@ def test_let_plus_lwc_lowers_block_mse_vs_lwc_alone_at_w4a4(runs):
 
 
 def test_export_and_load_quantized_reproduce_in_memory_ppl(runs, tmp_path):
-    import omniquant
     from transformers import AutoModelForCausalLM
 
+    import omniquant
     from omniquant.export import save_fakequant
 
     r = runs["omni_w4a4"]
@@ -191,13 +191,12 @@ def test_act_stats_values_and_cache(tiny_llama_dir, tmp_path, monkeypatch):
 
 def test_act_stats_from_another_model_is_rejected(tiny_llama_dir, tiny_opt_dir, tmp_path):
     from safetensors.torch import save_file
+    from safetensors.torch import save_file as save
     from transformers import AutoModelForCausalLM
 
     from omniquant import act_stats
     from omniquant.cli import main
     from omniquant.models import get_adapter
-
-    from safetensors.torch import save_file as save
 
     opt = AutoModelForCausalLM.from_pretrained(tiny_opt_dir, dtype=torch.float32).eval()
     windows = torch.randint(3, 500, (1, 16))
@@ -282,7 +281,9 @@ def test_killed_let_run_resumes_bit_exact(tiny_opt_dir, calib_text, tmp_path):
             "--epochs", "2"]
     repo = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
-    from omniquant.calibrate import calibrate_checkpoint  # the uninterrupted reference runs in-process
+    from omniquant.calibrate import (
+        calibrate_checkpoint,  # the uninterrupted reference runs in-process
+    )
 
     calibrate_checkpoint(tiny_opt_dir, tmp_path / "full", wbits=4, abits=4, let=True, group_size=64, nsamples=2,
                          seqlen=32, epochs=2, calib_data=calib_text)

@@ -22,8 +22,15 @@ import shutil
 import sys
 
 import torch
-from common import (load_model, load_windows, parse_args, quantizable_linears, save_result, snapshot_params,
-                    window_loss)
+from common import (
+    load_model,
+    load_windows,
+    parse_args,
+    quantizable_linears,
+    save_result,
+    snapshot_params,
+    window_loss,
+)
 
 
 def _extra(ap):
