@@ -147,8 +147,7 @@ def _check_cpu_runs(meta: dict) -> None:
 def parse_device(spec: str | None, target: str) -> tuple[str, int]:
     """`--device` text ('cpu', 'cuda:1', 'vulkan', 'vulkan:0'; None = the library's own kind, index 0) ->
     (kind, index). The kind must be the one the library was compiled for."""
-    kind_of = {"llvm": "cpu", "cuda": "cuda", "vulkan": "vulkan"}
-    want = kind_of.get(target, target)
+    want = "cpu" if target == "llvm" else target
     if not spec:
         return want, 0
     kind, _, idx = spec.lower().partition(":")
@@ -160,6 +159,14 @@ def parse_device(spec: str | None, target: str) -> tuple[str, int]:
     return kind, int(idx or 0)
 
 
+def _present(dev) -> bool:
+    """dev.exist, False where the runtime raises instead of answering (no libcuda; no Vulkan loader or ICD)."""
+    try:
+        return bool(dev.exist)
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def _device_for(meta: dict, spec: str | None = None):
     import tvm
 
@@ -168,12 +175,7 @@ def _device_for(meta: dict, spec: str | None = None):
         return tvm.cpu(idx)
     if kind == "cuda":
         why = _load_cuda_runtime()
-        try:
-            dev = tvm.cuda(idx)
-            ok = dev.exist
-        except Exception:  # noqa: BLE001 - a runtime without libcuda raises instead of answering False
-            ok = False
-        if not ok:
+        if not _present(dev := tvm.cuda(idx)):
             raise UserError(f"this library was compiled for cuda, but no CUDA GPU {idx} (or CUDA driver) is available "
                             "here" + (f" ({why})" if why else "") + "; compile with --target llvm to run on the CPU")
         return dev
@@ -182,15 +184,11 @@ def _device_for(meta: dict, spec: str | None = None):
 
         if not tvm_has_vulkan(codegen=False):
             raise UserError(how_to_get("running a vulkan library"))
-        try:
-            ok = tvm.vulkan(idx).exist
-        except Exception:  # noqa: BLE001 - no loader / no ICD raises
-            ok = False
-        if not ok:
+        if not _present(dev := tvm.vulkan(idx)):
             raise UserError(f"this library was compiled for vulkan, but Vulkan device {idx} is not available here "
                             "(no GPU driver; on a machine without a GPU, Mesa's lavapipe is a Vulkan device on the "
                             "CPU: apt install mesa-vulkan-drivers; `vulkaninfo --summary` lists the devices)")
-        return tvm.vulkan(idx)
+        return dev
     raise UserError(f"a {meta['target']} library cannot be run by this engine (it is built for another machine); "
                     "the engine runs llvm, cuda and vulkan libraries")
 

@@ -21,9 +21,7 @@ import torch
 from mlc_schemes.pack import QUANT_CONFIG, QUANT_PARAMS
 from mlc_schemes.pack import _read_json as read_json
 from omniquant.errors import UserError
-
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
+from omniquant.safetensors_io import SafetensorsDir
 
 
 @dataclass(frozen=True)
@@ -36,19 +34,6 @@ class QuantizedLinear:
     scales: torch.Tensor
     zeros: torch.Tensor
     dtype: torch.dtype
-
-
-def _shard_files(directory: Path) -> list[str]:
-    """Safetensors files of a `save_pretrained` dir: through the index when there is one."""
-    if (directory / INDEX).is_file():
-        weight_map = read_json(directory / INDEX, "weight index").get("weight_map") or {}
-        files = sorted(set(weight_map.values()))
-        if missing := [f for f in files if not (directory / f).is_file()]:
-            raise UserError(f"{directory / INDEX} names a shard that is missing: {missing[0]}")
-        return files
-    if (directory / SINGLE).is_file():
-        return [SINGLE]
-    raise UserError(f"{directory} holds no {SINGLE} (nor {INDEX}): not a fake-quant checkpoint")
 
 
 def layer_pattern(name: str) -> str:
@@ -91,7 +76,7 @@ class FakeQuantCheckpoint:
             if int(self.qconfig.get(key, 16)) < 16:
                 raise UserError(f"the checkpoint was calibrated with {what} quantized to {self.qconfig[key]} bits; "
                                 "the serving formats written here are weight-only (W*A16) and would drop that")
-        self.files = _shard_files(self.dir)
+        self.reader = SafetensorsDir(self.dir)  # shards through the index; UserError on missing ones
         self.sidecar = safe_open(self.dir / QUANT_PARAMS, framework="pt")
         expected = {f"{n}.{p}" for n in names for p in ("scales", "zeros")}
         side_names = set(self.sidecar.keys())
@@ -101,11 +86,7 @@ class FakeQuantCheckpoint:
         self.with_codes = {n for n in names if f"{n}.codes" in side_names}
         if extra := sorted(side_names - expected - {f"{n}.codes" for n in self.with_codes}):
             raise UserError(f"sidecar has tensors for linears not listed in {QUANT_CONFIG}, e.g. {extra[0]}")
-        self.shapes: dict[str, list[int]] = {}
-        for f in self.files:
-            with safe_open(self.dir / f, framework="pt") as h:
-                for name in list(h.keys()):
-                    self.shapes[name] = list(h.get_slice(name).get_shape())
+        self.shapes = {n: self.reader.shape(n) for n in self.reader.names()}
         self.linears: dict[str, list[int]] = {}
         for n in names:
             shape = self.shapes.get(f"{n}.weight")
@@ -146,9 +127,9 @@ class FakeQuantCheckpoint:
         """(name, tensor as stored) for every tensor, shard by shard (one shard open at a time)."""
         from safetensors import safe_open
 
-        for f in self.files:
+        for f, names in self.reader.by_file():
             with safe_open(self.dir / f, framework="pt") as h:
-                for name in list(h.keys()):
+                for name in names:
                     yield name, h.get_tensor(name)
 
     def grid(self, name: str, weight: torch.Tensor) -> QuantizedLinear:

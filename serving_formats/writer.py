@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from mlc_schemes.chat_config import TOKENIZER_FILES
-from serving_formats.source import INDEX, SINGLE
+from omniquant.safetensors_io import INDEX, SINGLE
 
 # The tokenizer (with its chat template) and the generation settings that loaders read beside the weights.
 COPIED_FILES = (*TOKENIZER_FILES, "chat_template.json", "generation_config.json")
