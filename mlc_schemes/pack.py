@@ -66,8 +66,10 @@ def linear_params(name: str, codes: np.ndarray, scales: np.ndarray, zeros: np.nd
     """Stored tensors of one quantized linear from its integer codes [N, K] and scales / zeros [N, G]:
     `<name>.q_weight` uint32 [N, ceil(K / epw)], `<name>.q_scale` fp16 and (asymmetric) `<name>.q_zero` fp16."""
     codes = np.asarray(codes)
-    # row blocks: pack_codes widens to uint32 and shifts, several copies of its input
-    q_weight = np.concatenate([pack_codes(codes[r:r + ROWS], scheme.bits) for r in range(0, codes.shape[0], ROWS)])
+    n, k = codes.shape
+    q_weight = np.empty((n, scheme.num_words(k)), np.uint32)
+    for r in range(0, n, ROWS):  # row blocks: pack_codes widens to uint32 and shifts, several copies of its input
+        q_weight[r:r + ROWS] = pack_codes(codes[r:r + ROWS], scheme.bits)
     yield from _packed(name, q_weight, scales, zeros, scheme)
 
 
@@ -127,6 +129,7 @@ def _rtn_linear(name: str, weight, scheme: QuantScheme) -> Iterator[tuple[str, n
     quantizer without LWC: same fp16-exact scales, zero and ragged-group rule), packed."""
     import torch
 
+    from omniquant.heap import release_freed_memory
     from omniquant.quant.lwc import LWCQuantizer
     from omniquant.quant.spec import WeightQuantSpec
 
@@ -134,14 +137,16 @@ def _rtn_linear(name: str, weight, scheme: QuantScheme) -> Iterator[tuple[str, n
     weight = torch.as_tensor(weight)
     n, k = weight.shape
     quant = LWCQuantizer((ROWS, k), spec, lwc=False)
-    words, scales, zeros = [], [], []
+    q_weight = np.empty((n, scheme.num_words(k)), np.uint32)  # filled in place: no list of blocks to concatenate
+    scales, zeros = [], []
     for r in range(0, n, ROWS):  # rows are quantized independently: a row block at a time bounds the temporaries
         w_fq, s, z = quant.export(weight[r:r + ROWS].float())
-        params = dict(_quantized_linear(name, w_fq, s, z, None, scheme))
-        words.append(params[f"{name}.q_weight"])
+        q_weight[r:r + ROWS] = dict(_quantized_linear(name, w_fq, s, z, None, scheme))[f"{name}.q_weight"]
         scales.append(s)
         zeros.append(z)
-    yield from _packed(name, np.concatenate(words), torch.cat(scales).numpy(), torch.cat(zeros).numpy(), scheme)
+        del w_fq
+        release_freed_memory()
+    yield from _packed(name, q_weight, torch.cat(scales).numpy(), torch.cat(zeros).numpy(), scheme)
 
 
 def to_float16(name: str, arr) -> np.ndarray:

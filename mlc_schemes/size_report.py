@@ -13,22 +13,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mlc_schemes.unpack import embedding_quantization, load_packed, scheme_of
-from mlc_schemes.weights_dir import shard_files
+from mlc_schemes.unpack import embedding_quantization, scheme_of
+from mlc_schemes.weights_dir import CHAT_CONFIG, shard_files, tensor_records
 
 
 def size_report(directory: str | Path) -> dict:
-    """Sizes measured from the stored arrays and the files on disk, plus the scheme's theory for comparison."""
+    """Sizes measured from the stored tensors' records (the shards themselves are not read: a 7B's would be
+    3.5 GB of memory) and the files on disk, plus the scheme's theory for comparison."""
     directory = Path(directory)
-    chat_config, params = load_packed(directory, verify=False)
+    chat_config = json.loads((directory / CHAT_CONFIG).read_text())
+    records, meta, _ = tensor_records(directory)
     scheme = scheme_of(chat_config)
     linears = chat_config["quantization_config"]["quantized_linears"]
     lin_weights = sum(n * k for n, k in linears.values())
-    lin_bytes = sum(params[f"{name}.{s}"].nbytes for name in linears for s in ("q_weight", "q_scale", "q_zero")
-                    if f"{name}.{s}" in params)
+    lin_bytes = sum(records[f"{name}.{s}"].nbytes for name in linears for s in ("q_weight", "q_scale", "q_zero")
+                    if f"{name}.{s}" in records)
     nominal_bytes = lin_weights * scheme.nominal_bits_per_weight() / 8
     layout_bytes = sum(n * k * scheme.layout_bits_per_weight(k) / 8 for n, k in linears.values())
-    meta = json.loads((directory / "tensor-cache.json").read_text())["metadata"]
     shards = shard_files(directory)
     files = [p for p in directory.iterdir() if p.is_file()]
     emb = embedding_quantization(chat_config)
