@@ -354,6 +354,11 @@ def _cached_ppl(ev, out: Path, eval_tokens, fp: bool = False, act_bits: int = 16
     return ppl
 
 
+def best_of_ours(rs: dict) -> str | None:
+    """The recipe of OURS with the lowest perplexity among one setting's results (None: none of them ran)."""
+    return min((n for n in OURS if rs.get(n, {}).get("ppl") is not None), key=lambda n: rs[n]["ppl"], default=None)
+
+
 def goal_check(settings, results: dict, fp_ppl: float) -> tuple[dict, list[str]]:
     """(lowest perplexity among fully quantized methods per setting, goal sentences).
 
@@ -375,7 +380,7 @@ def goal_check(settings, results: dict, fp_ppl: float) -> tuple[dict, list[str]]
         others = {n: p for n, p in full.items() if not n.startswith("omniquant") and n != "rtn"}
         if not ours:
             continue
-        mine = ours_best[s.name] = min(ours, key=ours.get)
+        mine = ours_best[s.name] = best_of_ours({n: rs[n] for n in ours})
         text = f"{s.name}: "
         if others:
             rival = min(others, key=others.get)
@@ -434,8 +439,7 @@ def _write_report(args, cfg, settings, methods, model_dir, n_eval, fp_ppl, resul
                     for s in settings if s.name in results},
         "best": best,
         "goal": "; ".join(goal),
-        "best_recipe": {s: min((n for n in OURS if (results.get(s) or {}).get(n, {}).get("ppl") is not None),
-                               key=lambda n: results[s][n]["ppl"], default=None) for s in results},
+        "best_recipe": {s: best_of_ours(rs or {}) for s, rs in results.items()},
         "not_run": NOT_RUN,
         "run": {
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),

@@ -137,9 +137,10 @@ _DIRECT_PATH = True
 
 def learns_nothing(cfg: CalibConfig) -> bool:
     """True when calibration has nothing to learn or to apply besides the weight quantizer at its init: no training
-    (epochs 0, or recipe lwc with --no-lwc; every recipe starts at LWC's init or round-to-nearest), no LET, weight-only (no activation / KV quantizers). Then a block's
-    quantized weights depend on its own float weights only (aug_loss changes a loss that is never minimised), so the
-    calibration windows are not needed and the block inputs are neither captured nor streamed through the blocks."""
+    (epochs 0, or recipe lwc with --no-lwc; every recipe starts at LWC's init or round-to-nearest), no LET,
+    weight-only (no activation / KV quantizers). Then a block's quantized weights depend on its own float weights
+    only (aug_loss changes a loss that is never minimised), so the calibration windows are not needed and the block
+    inputs are neither captured nor streamed through the blocks."""
     return (_DIRECT_PATH and (cfg.epochs == 0 or (not cfg.lwc and resolve_recipe(cfg.recipe, cfg.wbits).name == "lwc"))
             and not cfg.let and cfg.abits == 16 and cfg.kv_bits == 16)
 

@@ -21,7 +21,8 @@ class CalibConfig:
     nsamples: int = 128
     seqlen: int = 2048
     batch_size: int = 1
-    # peak learning rates; None: budget-aware default (quant/recipes.py LR_GROUPS: budget / sum of schedule factors)
+    # peak learning rates; None: budget-aware default, rate / sqrt(sum of the schedule's factors)
+    # (quant/recipes.py LR_GROUPS)
     lwc_lr: float | None = None
     round_lr: float | None = None
     scale_lr: float | None = None

@@ -19,3 +19,4 @@ def austen_dir() -> Path:
 # The split the shared README suggests: calibration and evaluation never overlap.
 CALIB_BOOKS = ("sensesensibility.txt", "northangerabbey.txt")
 EVAL_BOOKS = ("prideprejudice.txt", "persuasion.txt")
+VAL_BOOKS = ("emma.txt", "mansfieldpark.txt")  # tuning only: read by neither calibration nor evaluation

@@ -17,7 +17,7 @@ from omniquant.quant.codes import (
     recover_codes,
     stored_weight,
 )
-from omniquant.quant.lwc import SCALE_MAX, SCALE_MIN
+from omniquant.quant.fakequant import SCALE_MAX, SCALE_MIN
 from omniquant.safetensors_io import SafetensorsDir
 
 

@@ -23,7 +23,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-VAL_BOOKS = ("emma.txt", "mansfieldpark.txt")
 
 
 def main(argv=None) -> int:
@@ -37,7 +36,7 @@ def main(argv=None) -> int:
     from omniquant.config import CalibConfig
     from omniquant.data import load_tokens, sample_windows
     from omniquant.models import get_adapter
-    from omniquant.paths import CALIB_BOOKS
+    from omniquant.paths import CALIB_BOOKS, VAL_BOOKS
     from omniquant.quant.recipes import LR_GROUPS
     from omniquant.quant.spec import WeightQuantSpec
     from omniquant.real_model import prepare_smollm2
@@ -85,8 +84,8 @@ def main(argv=None) -> int:
             mse_rtn = float(torch.nn.functional.mse_loss(run(rtn, xv, kw), yv))
             for row, c in zip(rows, configs):
                 over = {k: v for k, v in c.items() if not k.startswith("budget_")}
-                cfg = CalibConfig(**{**dict(wbits=args.wbits, group_size=args.group_size, epochs=2,
-                                            nsamples=args.nsamples, seqlen=args.seqlen), **over})
+                cfg = CalibConfig(**{"wbits": args.wbits, "group_size": args.group_size, "epochs": 2,
+                                     "nsamples": args.nsamples, "seqlen": args.seqlen, **over})
                 # "budget_<group>": B -> that group's peak lr B / sum of the schedule factors (a total movement)
                 f = schedule_factors(cfg.epochs * cfg.nsamples // cfg.batch_size, cfg.lr_schedule)
                 for k, v in c.items():

@@ -21,8 +21,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-VAL_BOOKS = ("emma.txt", "mansfieldpark.txt")
-
 
 def main(argv=None) -> int:
     import torch
@@ -33,7 +31,7 @@ def main(argv=None) -> int:
     from omniquant.calibrate_cli import add_arguments
     from omniquant.config import CalibConfig
     from omniquant.data import load_tokens, sample_windows
-    from omniquant.paths import CALIB_BOOKS
+    from omniquant.paths import CALIB_BOOKS, VAL_BOOKS
     from omniquant.ppl import perplexity
     from omniquant.real_model import prepare_smollm2
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from omniquant.quant.lwc import round_ste
+from omniquant.quant.fakequant import round_ste
 
 ACT_SCALE_MIN = 1e-5
 

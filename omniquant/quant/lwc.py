@@ -19,17 +19,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from omniquant.quant.fakequant import (
-    SCALE_MAX,
-    SCALE_MIN,
-    GroupQuantizer,
-    fp16_ste,
-    minmax_qparams,
-    round_ste,
-)
+from omniquant.quant.fakequant import GroupQuantizer, minmax_qparams
 from omniquant.quant.spec import WeightQuantSpec
-
-__all__ = ["SCALE_MAX", "SCALE_MIN", "LWCQuantizer", "fp16_ste", "round_ste"]
 
 
 class LWCQuantizer(GroupQuantizer):
