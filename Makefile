@@ -52,11 +52,11 @@ pack:  ## pack the last quantized model into MLC's weight format (SCHEME; EMBED=
 LIB_EXT = $(if $(filter metal webgpu,$(TARGET)),tar,so)
 LIB     = build/lib/$(notdir $(PACKED))-$(TARGET).$(LIB_EXT)
 
-compile:  ## compile the last packed model for TARGET (llvm, cuda, vulkan, metal, webgpu; CUDA_ARCH=sm_90 for H100)
+compile:  ## compile the last packed model for TARGET (llvm, cuda, vulkan, metal, webgpu; CUDA_ARCH=sm_90 for H100; INT8_DOT=1: int8-activation decode GEMVs on x86)
 	@test -n "$(PACKED)" || { echo "no packed model: run 'make pack' first (or pass PACKED=dir)"; exit 2; }
 	mkdir -p build/lib
 	$(PYTHON) -m omniquant compile --model $(PACKED) --target $(TARGET) --output $(LIB) \
-		$(if $(CUDA_ARCH),--cuda-arch $(CUDA_ARCH))
+		$(if $(CUDA_ARCH),--cuda-arch $(CUDA_ARCH)) $(if $(INT8_DOT),--int8-dot)
 	@echo $(LIB) > build/LAST_LIB
 
 tvm-vulkan:  ## build TVM with Vulkan into ~/.cache/omniquant-mlc/tvm-vulkan (once, 2-3 h; TVM_SOURCE=tarball|dir)

@@ -7,12 +7,13 @@ two x86 instruction sets side by side.
                                            #   AVX2/FMA/F16C/BMI2 with AVX-512 off (GGML_NATIVE=OFF)
     [--threads 2] [--prompt-len 128] [--gen-len 128] [--epochs 0] [--repeats 3] [--skip-llamacpp] [--no-native]
     [--llamacpp each|native]
-    [--embedding-scheme w8a16g128asym|none]
+    [--embedding-scheme w8a16g128asym|none] [--no-int8-dot] [--ppl-windows 4]
 
 Pipeline per scheme (cached under --work): calibrate (RTN with --epochs 0, OmniQuant LWC otherwise) -> pack (the
 tied embedding / lm_head with --embedding-scheme, default 8-bit like the GGUF's Q8_0 token_embd) -> compile for llvm
 (float16 compute) once per instruction set (`--isa`: native = this machine's mcpu, avx2 = x86-64-v3, avx512 =
-x86-64-v4, or an LLVM CPU name); fp16 baseline = the HF weights packed unquantized (native only). Each engine runs in
+x86-64-v4, or an LLVM CPU name), W4 a second time with `--int8-dot` (int8 activations in the 4-bit decode GEMVs,
+as llama.cpp's Q4 dots; its perplexity through decode steps beside the exact W4's is printed after timing); fp16 baseline = the HF weights packed unquantized (native only). Each engine runs in
 its own subprocess (thread count pinned, RSS per engine). llama-cpp-python is built from source once per
 instruction set into build/bench/venvs/llamacpp-<isa> (a few minutes each; `LLAMACPP_CMAKE` holds the flags) and
 reports the ISA it was built for (its system_info, kept in the JSON). An instruction set this CPU lacks (AVX-512
@@ -116,9 +117,9 @@ def _env(threads: int) -> dict:
 
 def prepare_libs(hf_dir: Path, work: Path, epochs: int, calib_data: str,
                  embedding_scheme: str | None = "w8a16g128asym", isa: str = "native",
-                 dense: bool = True) -> dict[str, tuple[Path, Path]]:
-    """-> {label: (packed dir, library)} for W4g128, W3g128 (and fp16 with `dense`) compiled for `isa`, built once
-    and cached in `work`."""
+                 dense: bool = True, int8_dot: bool = True) -> dict[str, tuple[Path, Path, bool]]:
+    """-> {label: (packed dir, library, int8 dot)} for W4g128, W3g128 (W4 also with `compile --int8-dot` when
+    `int8_dot`; fp16 with `dense`) compiled for `isa`, built once and cached in `work`."""
     from mlc_schemes import pack_checkpoint
     from mlc_schemes.compile import (
         compile_packed,
@@ -141,18 +142,20 @@ def prepare_libs(hf_dir: Path, work: Path, epochs: int, calib_data: str,
         if not packed.exists():
             pack_checkpoint(fq, scheme, packed, embedding_scheme=embedding_scheme)
         label = f"tvm {scheme}" + (f" + {embedding_scheme.split('a16')[0]} embedding" if embedding_scheme else "")
-        out[label] = (packed, work / f"lib-{scheme}-e{epochs}{emb}-{isa}.so")
+        out[label] = (packed, work / f"lib-{scheme}-e{epochs}{emb}-{isa}.so", False)
+        if int8_dot and bits == 4:
+            out[label + ", int8 dot"] = (packed, work / f"lib-{scheme}-e{epochs}{emb}-{isa}-int8dot.so", True)
     if dense:
         dense_dir = work / "packed-fp16"
         if not dense_dir.exists():
             pack_dense_fp16(hf_dir, dense_dir)
-        out["tvm fp16"] = (dense_dir, work / f"lib-fp16-{isa}.so")
+        out["tvm fp16"] = (dense_dir, work / f"lib-fp16-{isa}.so", False)
     mcpu = cpu_mcpu(isa)
-    for packed, lib in out.values():
-        meta = read_library_meta_if_fits(lib, read_packed_model(packed))
+    for packed, lib, i8 in out.values():
+        meta = read_library_meta_if_fits(lib, read_packed_model(packed), int8_dot=i8)
         if not meta or (meta.get("cpu_isa") or {}).get("mcpu") != mcpu:
             print(f"compiling {packed.name} -> {lib.name} (mcpu {mcpu})", file=sys.stderr, flush=True)
-            compile_packed(packed, "llvm", lib, dtype="float16", isa=isa)
+            compile_packed(packed, "llvm", lib, dtype="float16", isa=isa, int8_dot=i8)
     return out
 
 
@@ -226,13 +229,17 @@ def main() -> int:
                     help="each: llama.cpp built for every --isa; native: its native build only (on a CPU without "
                          "AVX-512 that is AVX2 code, as its system_info line in the JSON shows)")
     ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--no-int8-dot", action="store_true", help="skip the W4 library compiled with --int8-dot")
+    ap.add_argument("--ppl-windows", type=int, default=4,
+                    help="perplexity of the W4 libraries (exact and int8 dot) through decode steps on this many "
+                         "256-token windows of the evaluation text, after timing (0: skip)")
     ap.add_argument("--skip-fp16", action="store_true", help="skip the fp16 dense TVM library")
     ap.add_argument("--json", type=Path, default=None, help="default build/bench/decode-<isas>.json")
     args = ap.parse_args()
 
     from bench.machine import cpu_model
     from mlc_schemes.compile import cpu_mcpu, host_cpu
-    from omniquant.paths import CALIB_BOOKS, austen_dir
+    from omniquant.paths import CALIB_BOOKS, EVAL_BOOKS, austen_dir
     from omniquant.real_model import find_gguf, prepare_smollm2
 
     isas = ([] if args.no_native or args.isa == "native" else ["native"]) + [args.isa]
@@ -247,8 +254,10 @@ def main() -> int:
     engines = []  # (name, isa, command, JSON file written by the command or None = last JSON line of its stdout)
     for isa in isas:
         libs = prepare_libs(hf_dir, args.work, args.epochs, str(austen_dir() / CALIB_BOOKS[0]), emb, isa,
-                            dense=isa == "native" and not args.skip_fp16)
-        for label, (packed, lib) in libs.items():
+                            dense=isa == "native" and not args.skip_fp16, int8_dot=not args.no_int8_dot)
+        if isa == isas[0]:
+            w4_libs = {label: (packed, lib) for label, (packed, lib, _) in libs.items() if "w4a16" in label}
+        for label, (packed, lib, _i8) in libs.items():
             out = args.work / f"eval-{lib.stem}.json"
             engines.append((f"{label} (f16 compute) [{isa}]", isa,
                             [sys.executable, "-m", "omniquant", "chat", "--model", str(packed), "--lib", str(lib),
@@ -283,6 +292,19 @@ def main() -> int:
              **{k: _median(r.get(k) for r in runs[name]) for k in METRICS + ("load_1m",)}, "runs": runs[name]}
             for name, isa, *_ in engines if runs[name]]
 
+    quality = {}
+    if args.ppl_windows and w4_libs:
+        # What int8 activations cost: the same windows scored one token at a time through the decode kernels.
+        from transformers import AutoTokenizer
+
+        from mlc_schemes.engine import tvm_perplexity
+        from omniquant.data import load_tokens
+
+        tokens = load_tokens(AutoTokenizer.from_pretrained(hf_dir), str(austen_dir() / EVAL_BOOKS[0]), "eval")
+        for label, (packed, lib) in w4_libs.items():
+            quality[label] = tvm_perplexity(packed, lib, tokens, 256, args.ppl_windows, steps="decode")
+            print(f"perplexity through decode steps ({args.ppl_windows} x 256 tokens of {EVAL_BOOKS[0]}), "
+                  f"{label} [{isas[0]}]: {quality[label]:.4f}", flush=True)
     load = os.getloadavg()[0]
     flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "fma", "f16c", "bmi", "sse4", "amx")))
     print(f"\n{args.prompt_len}-token prompt + {args.gen_len} new tokens, {args.threads} threads, median of "
@@ -296,6 +318,8 @@ def main() -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"threads": args.threads, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
                                 "repeats": args.repeats, "isas": isas,
+                                "ppl_decode_steps": {"text": EVAL_BOOKS[0], "seqlen": 256, "windows": args.ppl_windows,
+                                                     "isa": isas[0], "ppl": quality} if quality else None,
                                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                 "embedding_scheme": emb, "cpu_model": cpu_model(), "llvm_host_cpu": host_cpu(),
                                 "cpu_flags": flags, "load_average_1m": load, "cpu": os.uname().machine,

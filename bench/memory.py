@@ -12,7 +12,8 @@ Stages (each a separate process; its peak RSS is its own VmHWM, read at exit):
   compile    `omniquant compile --target llvm` (float16 compute)
   chat       `omniquant chat --evaluate` (128-token prompt, 128 new tokens)
   lwc        `omniquant calibrate` with LWC, 1 epoch of 2 x 128-token windows (the block-wise loop and training)
-  decode     the compiled model vs llama.cpp (llama-cpp-python, built as in bench/decode.py) on GGUFs of the same
+  decode     the compiled model (as compiled, and with `compile --int8-dot`: int8 activations in the 4-bit decode
+             GEMVs, as llama.cpp's Q4 dots) vs llama.cpp (llama-cpp-python, built as in bench/decode.py) on GGUFs of the same
              shapes with random Q4_0 and Q4_1 linears (Q8_0 embedding / output, like our 8-bit embedding), 2 threads
              each, engines taking turns for --repeats rounds (median), under the timing lock /tmp/omq-timing.lock
   paper      the same memory figures computed on paper for 7B, 13B and 70B (CPU RAM and GPU memory)
@@ -226,8 +227,8 @@ class Bench:
         r["output_bytes"] = self.lib.stat().st_size
         self.res["stages"]["compile"] = r
 
-    def _chat_cmd(self, out: Path) -> list[str]:
-        return ["omniquant", "chat", "--model", str(self.packed), "--lib", str(self.lib), "--evaluate",
+    def _chat_cmd(self, out: Path, lib: Path | None = None) -> list[str]:
+        return ["omniquant", "chat", "--model", str(self.packed), "--lib", str(lib or self.lib), "--evaluate",
                 "--eval-prompt-len", "128", "--eval-gen-len", "128", "--json", str(out)]
 
     def chat(self) -> None:
@@ -252,9 +253,20 @@ class Bench:
             ggufs[qtype] = path
         t = str(self.args.threads)
         env = {**os.environ, "TVM_NUM_THREADS": t, "OMP_NUM_THREADS": t, "PYTHONPATH": str(REPO)}
-        ours_json = self.work / f"decode-ours-{self.layers}L.json"
+        # both of our libraries, rebuilt when the model code changed since they were compiled (seconds each)
+        from mlc_schemes.compile import read_library_meta_if_fits, read_packed_model
+
+        pm = read_packed_model(self.packed)
+        int8_lib = self.work / f"lib-{self.layers}L-int8dot.so"
+        for lib, extra in ((self.lib, []), (int8_lib, ["--int8-dot"])):
+            if not read_library_meta_if_fits(lib, pm, int8_dot=bool(extra)):
+                subprocess.run([sys.executable, "-m", "omniquant", "compile", "--model", str(self.packed), "--target",
+                                "llvm", "--output", str(lib), *extra], check=True, cwd=REPO, env=env)
+        ours_json, int8_json = (self.work / f"decode-ours{x}-{self.layers}L.json" for x in ("", "-int8dot"))
         engines = {f"ours {SCHEME} + 8-bit embedding (TVM, f16 compute)":
-                   ([sys.executable, "-m", *self._chat_cmd(ours_json)], ours_json)}
+                   ([sys.executable, "-m", *self._chat_cmd(ours_json)], ours_json),
+                   f"ours {SCHEME} + 8-bit embedding, int8 dot (compile --int8-dot)":
+                   ([sys.executable, "-m", *self._chat_cmd(int8_json, int8_lib)], int8_json)}
         for qtype, path in ggufs.items():
             engines[f"llama.cpp {qtype} (Q8_0 embedding / output)"] = (
                 [str(py), "-c", LLAMACPP_SCRIPT, str(path), t, "128", "128"], None)

@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "holds them) and evaluate from the dir in a fresh process")
     p.add_argument("--target", default="llvm", help="target for --random-weights: llvm or cuda")
     p.add_argument("--isa", default="native", help="with --random-weights (llvm): native, avx2, avx512 or a CPU name")
+    p.add_argument("--int8-dot", action="store_true",
+                   help="with --random-weights (llvm, x86): compile with int8 activations in the 4-bit decode GEMVs")
     p.add_argument("--cuda-arch", default="sm_80")
     p.add_argument("--dtype", choices=("float16", "float32"), default=None, help="compute dtype (--random-weights)")
 
@@ -186,10 +188,12 @@ def _random_weights_dir(args) -> int:
         print(f"writing random {args.preset} ({args.scheme}) weights to {out}", file=sys.stderr)
         pm = write_random_packed_dir(args.preset, args.scheme, out, seed=args.seed, context=context,
                                      embedding_scheme=args.embedding_scheme)
-    lib = Path(args.lib) if args.lib else out / f"lib-{args.target}-{args.isa}.so"
-    if not read_library_meta_if_fits(lib, pm):
+    i8 = "-int8dot" if args.int8_dot else ""
+    lib = Path(args.lib) if args.lib else out / f"lib-{args.target}-{args.isa}{i8}.so"
+    if not read_library_meta_if_fits(lib, pm, int8_dot=args.int8_dot):
         print(f"compiling {out} for {args.target} ({args.isa}) -> {lib}", file=sys.stderr)
-        compile_packed(pm, args.target, lib, arch=args.cuda_arch, dtype=args.dtype, isa=args.isa)
+        compile_packed(pm, args.target, lib, arch=args.cuda_arch, dtype=args.dtype, isa=args.isa,
+                       int8_dot=args.int8_dot)
     cmd = [sys.executable, "-m", "omniquant", "chat", "--model", str(out), "--lib", str(lib), "--evaluate",
            "--eval-prompt-len", str(args.eval_prompt_len), "--eval-gen-len", str(args.eval_gen_len),
            "--seed", str(args.seed)] + (["--json", args.json] if args.json else [])
@@ -212,10 +216,11 @@ def run(args: argparse.Namespace) -> int:
                                          embedding_scheme=args.embedding_scheme)
         emb = f"-emb-{args.embedding_scheme}" if args.embedding_scheme else ""
         lib = Path(args.lib) if args.lib else Path(tempfile.mkdtemp(prefix="omq-rand-")) / (
-            f"{args.preset}-{args.scheme}{emb}-{args.target}.so")
-        if not read_library_meta_if_fits(lib, pm):
+            f"{args.preset}-{args.scheme}{emb}-{args.target}{'-int8dot' if args.int8_dot else ''}.so")
+        if not read_library_meta_if_fits(lib, pm, int8_dot=args.int8_dot):
             print(f"compiling {args.preset} ({args.scheme}) for {args.target} -> {lib}", file=sys.stderr)
-            compile_packed(pm, args.target, lib, arch=args.cuda_arch, dtype=args.dtype, isa=args.isa)
+            compile_packed(pm, args.target, lib, arch=args.cuda_arch, dtype=args.dtype, isa=args.isa,
+                           int8_dot=args.int8_dot)
         engine = Engine(pm, lib, params=params, device=args.device)
         args.evaluate = True
     else:

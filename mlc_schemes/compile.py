@@ -150,8 +150,9 @@ def build_model(pm: PackedModel, target, dtype: str):
                       quantized_embed=pm.quantized_embed)
 
 
-def build_module(pm: PackedModel, target, dtype: str):
-    """Export the relax IRModule of the model; checks its parameters against the packed records.
+def build_module(pm: PackedModel, target, dtype: str, int8_dot: bool = False):
+    """Export the relax IRModule of the model; checks its parameters against the packed records. `int8_dot`: llvm
+    only, eligible 4-bit decode GEMVs take the int8-activation kernel (`mlc_schemes.model.gemv_int8`).
 
     Returns (module, parameter names in call order, param_concat: fused parameter -> the packed tensors that the
     engine concatenates along axis 0 to make it)."""
@@ -159,7 +160,7 @@ def build_module(pm: PackedModel, target, dtype: str):
 
     model = build_model(pm, target, dtype)
     # CPU kernels size their vectors and register tiles for the target's ISA (mlc_schemes.model.isa)
-    with use_isa(isa_of_target(target)) if target.kind.name == "llvm" else contextlib.nullcontext():
+    with use_isa(isa_of_target(target), int8_dot) if target.kind.name == "llvm" else contextlib.nullcontext():
         mod, named_params, _ext = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
     concat = model.param_concat
     expected = {name: (tuple(int(x) for x in p.shape), p.dtype) for name, p in named_params}
@@ -206,10 +207,13 @@ def _gpu_schedule(mod, target):
 
 
 def compile_packed(packed_dir: str | Path, target_kind: str, output: str | Path, *, arch: str = "sm_80",
-                   dtype: str | None = None, aot_cubin: bool | None = None, isa: str = "native") -> dict:
+                   dtype: str | None = None, aot_cubin: bool | None = None, isa: str = "native",
+                   int8_dot: bool = False) -> dict:
     """Compile `packed_dir` for `target_kind` into `output`; returns the metadata written beside it.
 
     isa: llvm only; the CPU the library is built for (`cpu_mcpu`: native, avx2, avx512 or an LLVM CPU name).
+    int8_dot: llvm only; 4-bit decode GEMVs on int8-rounded activations (`mlc_schemes.model.gemv_int8`): faster
+    on AVX2, not exact (the metadata records it).
     dtype: compute dtype, "float16" (deployment default) or "float32" (exact mode; llvm only is sensible).
     aot_cubin: cuda only; compile the kernels to cubin with nvcc now (default: when nvcc is on PATH) instead of
     shipping CUDA source compiled by NVRTC at load time.
@@ -226,10 +230,15 @@ def compile_packed(packed_dir: str | Path, target_kind: str, output: str | Path,
     suffix = LIB_SUFFIX[target_kind]
     if output.suffix != suffix:
         raise UserError(f"a {target_kind} library is written as {suffix}; got output {output}")
+    if int8_dot:
+        from mlc_schemes.model.isa import isa_of_target
+
+        if target_kind != "llvm" or not isa_of_target(target).int8_dot:
+            raise UserError(f"--int8-dot needs an x86 llvm target with AVX2; got {target_kind} {target}")
     pm = packed_dir if isinstance(packed_dir, PackedModel) else read_packed_model(packed_dir)
     t0 = time.time()
     _, cfg = model_config(pm)
-    mod, param_names, param_concat = build_module(pm, target, dtype)
+    mod, param_names, param_concat = build_module(pm, target, dtype, int8_dot)
     if target.kind.name != "llvm":
         mod = _gpu_schedule(mod, target)
     ex = tvm.compile(mod, target)
@@ -245,7 +254,8 @@ def compile_packed(packed_dir: str | Path, target_kind: str, output: str | Path,
         meta = {
             "fingerprint": fingerprint(pm), "target": target_kind, "target_str": str(target),
             "arch": arch if target_kind == "cuda" else None, "dtype": dtype,
-            "cpu_isa": _isa_meta(target) if target_kind == "llvm" else None, "model_type": pm.chat.get("model_type"),
+            "cpu_isa": _isa_meta(target) if target_kind == "llvm" else None, "int8_dot": int8_dot,
+            "model_type": pm.chat.get("model_type"),
             "quantization": pm.chat.get("quantization") if pm.scheme else "none", "param_names": param_names,
             "param_concat": param_concat,
             "context_window_size": cfg.context_window_size,
@@ -276,14 +286,15 @@ def _isa_meta(target) -> dict:
     return {"mcpu": str(target.attrs["mcpu"]), "isa": isa.name, "lanes": isa.lanes}
 
 
-def read_library_meta_if_fits(lib: str | Path, pm: PackedModel) -> dict | None:
+def read_library_meta_if_fits(lib: str | Path, pm: PackedModel, int8_dot: bool = False) -> dict | None:
     """The library's metadata when `lib` exists and was compiled for `pm` (same fingerprint) by the current model
-    code, else None (callers then recompile)."""
+    code with the same `int8_dot` choice, else None (callers then recompile)."""
     mp = meta_path(lib)
     if not (Path(lib).is_file() and mp.is_file()):
         return None
     meta = json.loads(mp.read_text())
-    fits = meta.get("fingerprint") == fingerprint(pm) and meta.get("model_code_sha256") == model_code_hash()
+    fits = meta.get("fingerprint") == fingerprint(pm) and meta.get("model_code_sha256") == model_code_hash() \
+        and bool(meta.get("int8_dot")) == int8_dot
     return meta if fits else None
 
 

@@ -443,8 +443,13 @@ def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.
 
 
 def tvm_perplexity(model_dir, lib_path, tokens, seqlen: int, max_windows: int | None = None,
-                   device: str | None = None) -> float:
-    """Perplexity through the compiled model; same windows and NLL as `omniquant.ppl.perplexity`."""
+                   device: str | None = None, steps: str = "prefill") -> float:
+    """Perplexity through the compiled model; same windows and NLL as `omniquant.ppl.perplexity`.
+
+    steps: "prefill" scores each window in one prefill (M = seqlen kernels); "decode" feeds it one token at a time
+    (the M = 1 kernels a chat runs, e.g. the int8-dot GEMVs of `compile --int8-dot`), seqlen times slower."""
+    if steps not in ("prefill", "decode"):
+        raise UserError(f"steps must be prefill or decode, not {steps!r}")
     import torch
 
     from omniquant.ppl import from_nlls, window_bos, window_nlls
@@ -457,7 +462,11 @@ def tvm_perplexity(model_dir, lib_path, tokens, seqlen: int, max_windows: int | 
 
     def logits_fn(ids):
         eng.reset()
-        return torch.from_numpy(eng.prefill(ids[0].numpy(), all_logits=True))[None]
+        if steps == "prefill":
+            return torch.from_numpy(eng.prefill(ids[0].numpy(), all_logits=True))[None]
+        row = ids[0].tolist()
+        out = [eng.prefill(row[:1])] + [eng.decode(t) for t in row[1:]]
+        return torch.from_numpy(np.stack(out))[None]
 
     return from_nlls(window_nlls(logits_fn, torch.as_tensor(tokens), seqlen, max_windows, desc="ppl (tvm)",
                                  bos=bos))

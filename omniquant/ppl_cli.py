@@ -20,6 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lib", default=None, help="compiled model library (engine tvm)")
     p.add_argument("--device", default=None, metavar="KIND[:N]",
                    help="engine tvm: cpu, cuda:N or vulkan:N (default: the library's target, index 0)")
+    p.add_argument("--steps", choices=("prefill", "decode"), default="prefill",
+                   help="engine tvm: score each window in one prefill (default) or one token at a time through the "
+                        "decode kernels a chat runs (e.g. a library compiled with --int8-dot; seqlen times slower)")
     p.add_argument("--json", default=None, help="write the result here as JSON")
 
 
@@ -60,10 +63,12 @@ def run(args: argparse.Namespace) -> int:
             import_tvm_runtime()  # a CPU library needs only TVM's runtime
         chat = json.loads((model_dir / "mlc-chat-config.json").read_text())
         bos = window_bos(chat["model_config"].get("model_type"), chat.get("bos_token_id"))
-        ppl = tvm_perplexity(model_dir, args.lib, tokens, args.seqlen, args.max_windows, device=args.device)
+        ppl = tvm_perplexity(model_dir, args.lib, tokens, args.seqlen, args.max_windows, device=args.device,
+                             steps=args.steps)
     n_windows = windows(tokens, args.seqlen, args.max_windows, bos).shape[0]
     result = {"model": str(model_dir), "engine": args.engine, "data": args.data, "seqlen": args.seqlen,
-              "windows": n_windows, "bos_first": bos is not None, "ppl": ppl, "seconds": round(time.time() - t0, 2),
+              "windows": n_windows, "bos_first": bos is not None, "ppl": ppl,
+              "steps": args.steps if args.engine == "tvm" else None, "seconds": round(time.time() - t0, 2),
               "torch_threads": torch.get_num_threads()}
     print(f"perplexity {ppl:.4f}  ({n_windows} windows x {args.seqlen} tokens{', BOS first' if bos is not None else ''}"
           f", engine {args.engine})")

@@ -1,11 +1,11 @@
 """The CPU vector unit a library is built for, as the kernels see it: float32 lanes per register, register count.
 
-| ISA | when the llvm target has | lanes | registers |
-|---|---|---|---|
-| `avx512` | avx512f (Zen 4, Skylake-SP and later) | 16 | 32 (zmm) |
-| `avx2` | avx2 + fma (Haswell, Zen 1-3) | 8 | 16 (ymm) |
-| `neon` | aarch64 | 4 | 32 |
-| `sse` | anything else | 4 | 16 |
+| ISA | when the llvm target has | lanes | registers | int8 dot |
+|---|---|---|---|---|
+| `avx512` | avx512f (Zen 4, Skylake-SP and later) | 16 | 32 (zmm) | yes (256-bit vpmaddubsw) |
+| `avx2` | avx2 + fma (Haswell, Zen 1-3) | 8 | 16 (ymm) | yes |
+| `neon` | aarch64 | 4 | 32 | no |
+| `sse` | anything else | 4 | 16 | no |
 
 The kernels (`kernels.py`, `attention_cpu.py`) size their vectors and register tiles from it, so that a tile's
 accumulators and operands fit the register file (a 16-lane tile on AVX2 is two registers per vector and spills);
@@ -26,10 +26,11 @@ class CpuIsa:
     name: str
     lanes: int  # float32 lanes per vector register
     registers: int  # architectural vector registers
+    int8_dot: bool = False  # has 256-bit u8 x s8 -> s16 pair dots (vpmaddubsw) for `gemv_int8`
 
 
-AVX512 = CpuIsa("avx512", 16, 32)
-AVX2 = CpuIsa("avx2", 8, 16)
+AVX512 = CpuIsa("avx512", 16, 32, int8_dot=True)
+AVX2 = CpuIsa("avx2", 8, 16, int8_dot=True)
 NEON = CpuIsa("neon", 4, 32)
 SSE = CpuIsa("sse", 4, 16)
 BY_NAME = {i.name: i for i in (AVX512, AVX2, NEON, SSE)}
@@ -59,6 +60,7 @@ def host_isa() -> CpuIsa:
 
 
 _CURRENT: contextvars.ContextVar[CpuIsa | None] = contextvars.ContextVar("cpu_isa", default=None)
+_INT8_DOT: contextvars.ContextVar[bool] = contextvars.ContextVar("int8_dot", default=False)
 
 
 def current_isa() -> CpuIsa:
@@ -66,11 +68,18 @@ def current_isa() -> CpuIsa:
     return _CURRENT.get() or host_isa()
 
 
+def current_int8_dot() -> bool:
+    """Whether the innermost `use_isa` asked for int8-activation decode GEMVs (`gemv_int8`)."""
+    return _INT8_DOT.get()
+
+
 @contextlib.contextmanager
-def use_isa(isa: CpuIsa):
-    """Kernel factories called inside the block build their schedules for `isa`."""
-    token = _CURRENT.set(isa)
+def use_isa(isa: CpuIsa, int8_dot: bool = False):
+    """Kernel factories called inside the block build their schedules for `isa`; with `int8_dot` the 4-bit decode
+    GEMVs take the int8-activation kernel (`mlc_schemes.model.gemv_int8`) where `isa` has one."""
+    token, token8 = _CURRENT.set(isa), _INT8_DOT.set(int8_dot)
     try:
         yield isa
     finally:
         _CURRENT.reset(token)
+        _INT8_DOT.reset(token8)

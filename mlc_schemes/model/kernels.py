@@ -9,7 +9,8 @@ Two weight sources share one kernel shape:
 
 CPU (llvm): hand-written TIR, two paths chosen at run time on M:
 
-- M = 1 (decode), the GEMV that dominates a decode step: `_gemv_quant` works on raw packed words (one contiguous
+- M = 1 (decode), the GEMV that dominates a decode step: `_gemv_quant` (or, opt-in for 4-bit, the int8-activation
+  `gemv_int8.gemv_int8`) works on raw packed words (one contiguous
   vector load of words per row, each code isolated by a single AND with its in-word mask and converted, x
   pre-transposed and pre-scaled once per call so the FMA operand is contiguous), applies scale / zero once per
   group, and runs ROWS rows per step with independent accumulators; `_cpu_dense` M = 1 converts x to float32 once
@@ -36,7 +37,8 @@ from dataclasses import dataclass
 from tvm import te, tirx
 from tvm.script import tirx as T
 
-from mlc_schemes.model.isa import CpuIsa, current_isa
+from mlc_schemes.model import gemv_int8
+from mlc_schemes.model.isa import CpuIsa, current_int8_dot, current_isa
 
 
 @dataclass(frozen=True)
@@ -155,19 +157,23 @@ def _gemm(n: int, length: int, out_dtype: str, load_x, decode_row, isa: CpuIsa):
 
 
 def cpu_matmul_nt(n: int, k: int, x_dtype: str, out_dtype: str, quant: QuantSpec | None, w_dtype: str = "float16",
-                  isa: CpuIsa | None = None):
+                  isa: CpuIsa | None = None, int8_dot: bool | None = None):
     """TIR PrimFunc `(x[M, K], <weight args>, y[M, N])`, M symbolic; `y = x @ W^T` accumulated in float32.
 
     Weight args: quantized -> q_weight uint32 [N, ceil(K/epw)], q_scale float16 [N, G] (+ q_zero float16 [N, G]);
     dense -> weight `w_dtype` [N, K]. M = 1 (decode) takes a GEMV path (`_gemv_quant`, `_gemv_quant_window`, the
     M = 1 branch of `_cpu_dense`), M > 1 the blocked GEMM of `_gemm` (weight rows decoded once to float32).
-    Vectors and tiles are sized for `isa` (default: `isa.current_isa()`).
+    Vectors and tiles are sized for `isa` (default: `isa.current_isa()`). `int8_dot` (default:
+    `isa.current_int8_dot()`) sends eligible 4-bit decode GEMVs to `gemv_int8` (int8 activations, not exact).
     """
-    return _cpu_matmul_nt(n, k, x_dtype, out_dtype, quant, w_dtype, isa or current_isa())
+    isa = isa or current_isa()
+    int8_dot = current_int8_dot() if int8_dot is None else int8_dot
+    return _cpu_matmul_nt(n, k, x_dtype, out_dtype, quant, w_dtype, isa,
+                          bool(int8_dot and quant is not None and gemv_int8.eligible(k, quant, isa)))
 
 
 @functools.cache  # one TVMScript parse per distinct shape, not per layer (compile time)
-def _cpu_matmul_nt(n, k, x_dtype, out_dtype, quant, w_dtype, isa: CpuIsa):
+def _cpu_matmul_nt(n, k, x_dtype, out_dtype, quant, w_dtype, isa: CpuIsa, int8_dot: bool = False):
     if quant is None:
         return _cpu_dense(n, k, x_dtype, out_dtype, w_dtype, isa)
     epw, bits, gw = quant.epw, quant.bits, quant.group_width
@@ -177,7 +183,9 @@ def _cpu_matmul_nt(n, k, x_dtype, out_dtype, quant, w_dtype, isa: CpuIsa):
     mask = quant.mask
     # The plain GEMV path needs groups made of whole words (4-bit g32/g128, 3-bit g40, 2-bit g64 ...).
     # Other groups (3-bit g128) take the windowed variant, which reads a few words twice.
-    if gw % epw == 0:
+    if int8_dot:
+        gemv = gemv_int8.gemv_int8(n, k, quant, out_dtype, ROWS, TASKS, _prefetch_rows(n, words))
+    elif gw % epw == 0:
         gemv = _gemv_quant(n, k, quant, x_dtype, out_dtype, isa)
     else:
         gemv = _gemv_quant_window(n, k, quant, out_dtype, isa)  # None when K is smaller than one window
