@@ -203,6 +203,11 @@ def _gpu_schedule(mod, target):
         mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul())(mod)
     with target:
         mod = dl.ApplyDefaultSchedule(dl.gpu.Fallback())(mod)
+    if target.kind.name in ("vulkan", "webgpu"):
+        # Symbolic shapes (sequence length) make every index int64, thread ids included. With int64 indices the
+        # Vulkan kernels' cross-thread reductions read every thread as thread 0 on lavapipe (RMSNorm summed one
+        # element; int32 indices give the numpy result); WGSL has no int64 at all. Index in int32.
+        mod = tvm.tirx.transform.ForceNarrowIndexToInt32()(mod)
     return mod
 
 

@@ -18,9 +18,12 @@ from pathlib import Path
 ENV_PYTHON = "OMNIQUANT_TVM_VULKAN_PYTHON"
 _HANDED_OVER = "OMNIQUANT_HANDED_TO_VULKAN_TVM"  # set in the child: never hand over twice
 
-# What a Vulkan 1.1+ desktop GPU offers and MLC-LLM's vulkan target also assumes; lavapipe has all of it.
+# What a Vulkan 1.1+ desktop GPU offers and MLC-LLM's vulkan target also assumes; lavapipe has all of it. int64:
+# the model's symbolic shapes (sequence length) index in 64 bits; NVIDIA, AMD, Intel and lavapipe have shaderInt64
+# (many mobile GPUs do not: not a target here).
 VULKAN_TARGET = {"kind": "vulkan", "max_threads_per_block": 256, "max_shared_memory_per_block": 32768,
                  "thread_warp_size": 1, "supports_float16": True, "supports_int8": True, "supports_int16": True,
+                 "supports_int64": True,
                  "supports_8bit_buffer": True, "supports_16bit_buffer": True,
                  "supports_storage_buffer_storage_class": True}
 
@@ -31,9 +34,14 @@ def cache_dir() -> Path:
 
 
 def vulkan_python() -> Path | None:
-    """The interpreter of the Vulkan TVM's venv, or None when it has not been built."""
+    """The interpreter of the Vulkan TVM's venv, or None when it has not been built. Returned as the venv's own
+    bin/python: Python finds its venv (pyvenv.cfg) beside the path it was started by, so started through the
+    cache's link it would run without the venv, i.e. with the PyPI TVM."""
     p = Path(os.environ.get(ENV_PYTHON) or cache_dir() / "python")
-    return p if p.exists() else None
+    if not p.exists():
+        return None
+    venv = _venv_of(p)
+    return venv / "bin" / "python" if venv else p
 
 
 def how_to_get(what: str) -> str:

@@ -113,6 +113,12 @@ echo "$(( $(date +%s) - start ))" >>"$ROOT/build-seconds.log"
 # 5. Python: tvm_ffi built from the same source, TVM's python/ on the path (a .pth in the venv).
 if ! "$VENV/bin/python" -c "import tvm_ffi, sys; sys.exit(0 if tvm_ffi.__file__.startswith('$VENV') or tvm_ffi.__file__.startswith('$SRC') else 1)" 2>/dev/null; then
   say "installing tvm_ffi from $SRC/3rdparty/tvm-ffi into the venv"
+  # Its version comes from git (setuptools-scm); a tarball has no .git, so name the version here: a dev release
+  # after the PyPI 0.1.15 that TVM's python accepts (>= 0.1.13.post2), tagged with the source's key.
+  git -C "$SRC/3rdparty/tvm-ffi" rev-parse >/dev/null 2>&1 \
+    || export SETUPTOOLS_SCM_PRETEND_VERSION_FOR_APACHE_TVM_FFI="0.1.16.dev0+${key//-/.}"
+  # libbacktrace is a submodule the tarballs leave out (TVM's own build above has it off too)
+  SKBUILD_CMAKE_DEFINE="TVM_FFI_USE_LIBBACKTRACE=OFF" \
   "$VENV/bin/python" -m pip install -q "$SRC/3rdparty/tvm-ffi" >"$ROOT/ffi-install.log" 2>&1 \
     || { tail -n 30 "$ROOT/ffi-install.log" >&2; die "pip install of tvm-ffi failed (log: $ROOT/ffi-install.log)"; }
 fi
@@ -124,7 +130,7 @@ echo "$SRC/python" >"$site/tvm_vulkan_src.pth"
 import tvm
 assert tvm.__file__.startswith("$SRC"), tvm.__file__
 assert tvm.get_global_func("target.build.vulkan", allow_missing=True) is not None, "no target.build.vulkan"
-print("[tvm-vulkan] tvm", tvm.__file__, "USE_VULKAN =", tvm.support.libinfo().get("USE_VULKAN"))
+print("[tvm-vulkan] tvm", tvm.__file__, "with target.build.vulkan")
 print("[tvm-vulkan] vulkan device present:", tvm.vulkan(0).exist)
 PY
 ln -sfn "$VENV/bin/python" "$CACHE/python"
