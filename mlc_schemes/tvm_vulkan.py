@@ -18,12 +18,10 @@ from pathlib import Path
 ENV_PYTHON = "OMNIQUANT_TVM_VULKAN_PYTHON"
 _HANDED_OVER = "OMNIQUANT_HANDED_TO_VULKAN_TVM"  # set in the child: never hand over twice
 
-# What a Vulkan 1.1+ desktop GPU offers and MLC-LLM's vulkan target also assumes; lavapipe has all of it. int64:
-# the model's symbolic shapes (sequence length) index in 64 bits; NVIDIA, AMD, Intel and lavapipe have shaderInt64
-# (many mobile GPUs do not: not a target here).
+# What a Vulkan 1.1+ desktop GPU offers and MLC-LLM's vulkan target also assumes; lavapipe has all of it. No int64:
+# the kernels index in int32 (`compile._gpu_schedule`).
 VULKAN_TARGET = {"kind": "vulkan", "max_threads_per_block": 256, "max_shared_memory_per_block": 32768,
                  "thread_warp_size": 1, "supports_float16": True, "supports_int8": True, "supports_int16": True,
-                 "supports_int64": True,
                  "supports_8bit_buffer": True, "supports_16bit_buffer": True,
                  "supports_storage_buffer_storage_class": True}
 

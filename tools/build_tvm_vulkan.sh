@@ -104,7 +104,7 @@ if [ ! -f "$BUILD/build.ninja" ]; then
     -DTVM_FFI_USE_LIBBACKTRACE=OFF -DUSE_Z3=OFF >"$ROOT/configure.log" 2>&1 \
     || { tail -n 30 "$ROOT/configure.log" >&2; die "cmake configure failed (log: $ROOT/configure.log)"; }
 fi
-say "building with $JOBS jobs in $BUILD (2-3 h on 2 cores the first time; log: $ROOT/build.log)"
+say "building with $JOBS jobs in $BUILD (hours on 2 cores the first time; log: $ROOT/build.log)"
 start=$(date +%s)
 nice -n 10 ninja -C "$BUILD" -j "$JOBS" >"$ROOT/build.log" 2>&1 \
   || { tail -n 30 "$ROOT/build.log" >&2; die "ninja failed (log: $ROOT/build.log); run again to resume"; }
