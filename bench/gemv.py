@@ -1,6 +1,6 @@
 """Microbenchmark of the CPU matmul kernels at decode shape (M = 1), or at prefill shape with --m.
 
-    python -m bench.gemv [--shapes smollm2|llama2-7b] [--bits 4,3,8] [--isa native|avx2|avx512|CPU]
+    python -m bench.gemv [--shapes smollm2|llama2-7b] [--bits 4,3,8] [--int8-dot] [--isa native|avx2|avx512|CPU]
                          [--schedule avx2|avx512|sse] [--m 1] [--threads 1] [--kernels path/to/kernels.py]
 
 Shapes (N x K) of the model's linears as the deployed model runs them (fused q/k/v and gate/up): SmolLM2-135M
@@ -78,6 +78,8 @@ def main() -> int:
     ap.add_argument("--isa", default="native", help="target: native, avx2, avx512 or an LLVM CPU name")
     ap.add_argument("--schedule", default=None, help="kernel schedule ISA (avx512, avx2, sse); default: the target's")
     ap.add_argument("--m", type=int, default=1, help="input rows (1 = decode GEMV)")
+    ap.add_argument("--int8-dot", action="store_true",
+                    help="also the int8-activation 4-bit GEMV (`compile --int8-dot`), as kind q4i8")
     ap.add_argument("--threads", type=int, default=None, help="TVM_NUM_THREADS (default: as set, else all cores)")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=5)
@@ -96,7 +98,8 @@ def main() -> int:
     sched = BY_NAME[args.schedule] if args.schedule else isa_of_target(target)
     isa_kw = {"isa": sched} if "isa" in inspect.signature(kern.cpu_matmul_nt).parameters else {}
     rng = np.random.default_rng(0)
-    kinds = [int(b) for b in args.bits.split(",") if b] + (["dense"] if args.dense else [])
+    kinds = [int(b) for b in args.bits.split(",") if b] + (["i8"] if args.int8_dot else []) + \
+        (["dense"] if args.dense else [])
     res = {}
     print(f"target mcpu {target.attrs['mcpu']}, schedule {sched.name} ({sched.lanes} lanes), M = {args.m}, "
           f"threads {os.environ.get('TVM_NUM_THREADS', 'all')}")
@@ -108,6 +111,10 @@ def main() -> int:
             if kind == "dense":
                 f = kern.cpu_matmul_nt(n, k, "float16", "float16", None, w_dtype="float16", **isa_kw)
                 ws = [rng.standard_normal((n, k)).astype(np.float16)]
+            elif kind == "i8":
+                f = kern.cpu_matmul_nt(n, k, "float16", "float16", kern.QuantSpec(4, 128, None), int8_dot=True,
+                                       **isa_kw)
+                ws = _weights(rng, n, k, 4)
             else:
                 f = kern.cpu_matmul_nt(n, k, "float16", "float16", kern.QuantSpec(kind, 128, None), **isa_kw)
                 ws = _weights(rng, n, k, kind)
@@ -117,7 +124,7 @@ def main() -> int:
             y = tvm.runtime.empty((args.m, n), "float16", dev)
             wall, cpu = _time(ex["main"], [*a, y], args.reps, args.rounds)
             nbytes = sum(w.nbytes for w in ws)
-            key = f"{'q' + str(kind) if kind != 'dense' else 'f16'} {n}x{k}"
+            key = f"{ {'dense': 'f16', 'i8': 'q4i8'}.get(kind, f'q{kind}')} {n}x{k}"
             res[key] = {"wall_us": round(wall, 1), "cpu_us": round(cpu, 1), "gb_per_s": round(nbytes / wall / 1e3, 2)}
             print(f"{key:24s} {wall:10.1f} {cpu:10.1f} {nbytes / wall / 1e3:7.2f}", flush=True)
     out = {"load_1m": os.getloadavg()[0], "mcpu": str(target.attrs["mcpu"]), "schedule": sched.name, "m": args.m,

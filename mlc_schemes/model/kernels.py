@@ -184,7 +184,7 @@ def _cpu_matmul_nt(n, k, x_dtype, out_dtype, quant, w_dtype, isa: CpuIsa, int8_d
     # The plain GEMV path needs groups made of whole words (4-bit g32/g128, 3-bit g40, 2-bit g64 ...).
     # Other groups (3-bit g128) take the windowed variant, which reads a few words twice.
     if int8_dot:
-        gemv = gemv_int8.gemv_int8(n, k, quant, out_dtype, ROWS, TASKS, _prefetch_rows(n, words))
+        gemv = gemv_int8.gemv_int8(n, k, quant, out_dtype, TASKS)
     elif gw % epw == 0:
         gemv = _gemv_quant(n, k, quant, x_dtype, out_dtype, isa)
     else:
