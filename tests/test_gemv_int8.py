@@ -70,8 +70,8 @@ def test_int8_gemv_matches_formula_and_error_bound(n, k, gw, x_dtype):
 
 
 @needs_int8_dot
-def test_int8_gemv_rows_past_last_block_and_fp16_out():
-    """N not a multiple of the 4-row step, float16 output (the deployed dtype)."""
+def test_int8_gemv_odd_rows_fp16_out():
+    """An odd N (rows split unevenly over the tasks), float16 output (the deployed dtype)."""
     rng = np.random.default_rng(7)
     n, k, gw = 7, 512, 128
     codes, scale, zero, x, _ = _case(rng, n, k, gw, "float16")

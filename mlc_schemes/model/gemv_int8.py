@@ -31,10 +31,10 @@ from tvm.script import tirx as T
 from mlc_schemes.model.isa import CpuIsa
 
 CHUNK = 64  # columns per activation scale: 32 packed bytes, one 256-bit load per row
-ROWS = 1  # rows per step, and no software prefetch: each thread then reads one sequential stream, which the
-#           hardware prefetcher follows best. At 7B shapes on Zen 3 (2 threads, weights beyond L3) this streamed
-#           19-22 GB/s against 10-17 GB/s for 4 interleaved rows with prefetch 8 blocks ahead (the float32
-#           kernel's layout, which needs the shared x loads because it is compute-bound; this one is not).
+# One row per step and no software prefetch: each thread then reads one sequential stream, which the hardware
+# prefetcher follows best. At 7B shapes on Zen 3 (2 threads, weights beyond L3) this streamed 19-22 GB/s against
+# 10-17 GB/s for 4 interleaved rows with prefetch 8 blocks ahead (the float32 kernel's layout, which needs the
+# shared x loads because it is compute-bound; this one is not).
 
 
 def eligible(k: int, quant, isa: CpuIsa) -> bool:
@@ -46,42 +46,37 @@ def eligible(k: int, quant, isa: CpuIsa) -> bool:
 def gemv_int8(n: int, k: int, quant, out_dtype: str, tasks: int):
     """TIR macro `(x[1, K], q_weight, q_scale, zero(n, g), y[1, N])` for M = 1 (see the module docstring).
 
-    Rows (ROWS per step) are split over at most `tasks` parallel tasks."""
+    Rows are split over at most `tasks` parallel tasks, one row per step."""
     gw = quant.group_width
     groups, nch, cpg = math.ceil(k / gw), k // CHUNK, gw // CHUNK
     gfull, ctail = k // gw, k // CHUNK - (k // gw) * (gw // CHUNK)  # whole groups; chunks of a partial last group
-    R = ROWS
-    nblk = math.ceil(n / R)
-    per_task = math.ceil(nblk / tasks)
-    ntask = math.ceil(nblk / per_task)
+    per_task = math.ceil(n / tasks)
+    ntask = math.ceil(n / per_task)
 
     def madd_u8s8(codes, xv):  # u8 x s8 pairs -> s16 [16]
         return T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", codes, xv)
 
     def group_dot(chunks: int):
-        """TIR macro `(qw, s, zero, xq, d, xz, acc, gacc, zt, nb, g)`: rows nb*R.. of group g (`chunks` chunks)
-        into acc (scaled) and zt (zero term)."""
+        """TIR macro `(qw, s, zero, xq, d, xz, acc, gacc, zt, row, g)`: group g (`chunks` chunks) of one row into
+        acc (scaled) and zt[0] (zero term)."""
 
         @T.macro
-        def dot(qw, s, zero, xq, d, xz, acc, gacc, zt, nb, g):
-            for r in T.unroll(R):
-                gacc[r, T.ramp(0, 1, 8)] = T.Broadcast(T.float32(0), 8)
+        def dot(qw, s, zero, xq, d, xz, acc, gacc, zt, row, g):
+            gacc[T.ramp(0, 1, 8)] = T.Broadcast(T.float32(0), 8)
             for cc in T.unroll(chunks):
-                for r in T.unroll(R):
-                    wv: T.let = qw[T.min(nb * R + r, n - 1), T.ramp((g * cpg + cc) * 8, 1, 8)]
-                    lo: T.let = T.reinterpret("int8x32", wv & T.Broadcast(T.uint32(0x0F0F0F0F), 8))
-                    hi: T.let = T.reinterpret("int8x32", T.shift_right(wv, T.Broadcast(T.uint32(4), 8))
-                                              & T.Broadcast(T.uint32(0x0F0F0F0F), 8))
-                    pairs: T.let = (madd_u8s8(lo, xq[g * cpg + cc, 0, T.ramp(0, 1, 32)])
-                                    + madd_u8s8(hi, xq[g * cpg + cc, 1, T.ramp(0, 1, 32)]))
-                    dots: T.let = T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs,
-                                                          T.Broadcast(T.int16(1), 16))
-                    gacc[r, T.ramp(0, 1, 8)] = gacc[r, T.ramp(0, 1, 8)] + T.Cast("float32x8", dots) \
-                        * T.Broadcast(d[g * cpg + cc], 8)
-            for r in T.unroll(R):
-                sc: T.let = T.Cast("float32", s[T.min(nb * R + r, n - 1), g])
-                zt[r] = zt[r] + sc * zero(T.min(nb * R + r, n - 1), g) * xz[g]
-                acc[r, T.ramp(0, 1, 8)] = acc[r, T.ramp(0, 1, 8)] + T.Broadcast(sc, 8) * gacc[r, T.ramp(0, 1, 8)]
+                wv: T.let = qw[row, T.ramp((g * cpg + cc) * 8, 1, 8)]
+                lo: T.let = T.reinterpret("int8x32", wv & T.Broadcast(T.uint32(0x0F0F0F0F), 8))
+                hi: T.let = T.reinterpret("int8x32", T.shift_right(wv, T.Broadcast(T.uint32(4), 8))
+                                          & T.Broadcast(T.uint32(0x0F0F0F0F), 8))
+                pairs: T.let = (madd_u8s8(lo, xq[g * cpg + cc, 0, T.ramp(0, 1, 32)])
+                                + madd_u8s8(hi, xq[g * cpg + cc, 1, T.ramp(0, 1, 32)]))
+                dots: T.let = T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs,
+                                                      T.Broadcast(T.int16(1), 16))
+                gacc[T.ramp(0, 1, 8)] = gacc[T.ramp(0, 1, 8)] + T.Cast("float32x8", dots) \
+                    * T.Broadcast(d[g * cpg + cc], 8)
+            sc: T.let = T.Cast("float32", s[row, g])
+            zt[0] = zt[0] + sc * zero(row, g) * xz[g]
+            acc[T.ramp(0, 1, 8)] = acc[T.ramp(0, 1, 8)] + T.Broadcast(sc, 8) * gacc[T.ramp(0, 1, 8)]
 
         return dot
 
@@ -110,23 +105,19 @@ def gemv_int8(n: int, k: int, quant, out_dtype: str, tasks: int):
                 xz[c // cpg] = T.float32(0)
             xz[c // cpg] = xz[c // cpg] + d[c] * T.Cast("float32", qsum[0])
         for t in T.parallel(ntask):
-            acc = T.decl_buffer((R, 8), "float32")  # per task, not per block: see kernels._gemv_quant
-            gacc = T.decl_buffer((R, 8), "float32")
-            zt = T.decl_buffer((R,), "float32")
-            for nb0 in range(per_task):
-                nb: T.let = t * per_task + nb0
-                if nb < nblk:
-                    for r in T.unroll(R):
-                        zt[r] = T.float32(0)
-                        acc[r, T.ramp(0, 1, 8)] = T.Broadcast(T.float32(0), 8)
-                    # Reads clamp rows past N to row N - 1 (last block only); those results are never written.
+            acc = T.decl_buffer((8,), "float32")  # per task, not per row: see kernels._gemv_quant
+            gacc = T.decl_buffer((8,), "float32")
+            zt = T.decl_buffer((1,), "float32")
+            for r0 in range(per_task):
+                row: T.let = t * per_task + r0
+                if row < n:
+                    zt[0] = T.float32(0)
+                    acc[T.ramp(0, 1, 8)] = T.Broadcast(T.float32(0), 8)
                     for g in range(gfull):
-                        full(qw, s, zero, xq, d, xz, acc, gacc, zt, nb, g)
+                        full(qw, s, zero, xq, d, xz, acc, gacc, zt, row, g)
                     if ctail > 0:
-                        tail(qw, s, zero, xq, d, xz, acc, gacc, zt, nb, gfull)
-                    for r in T.unroll(R):
-                        if nb * R + r < n:
-                            y[0, nb * R + r] = T.Cast(out_dtype, ((acc[r, 0] + acc[r, 4]) + (acc[r, 2] + acc[r, 6]))
-                                                      + ((acc[r, 1] + acc[r, 5]) + (acc[r, 3] + acc[r, 7])) - zt[r])
+                        tail(qw, s, zero, xq, d, xz, acc, gacc, zt, row, gfull)
+                    y[0, row] = T.Cast(out_dtype, ((acc[0] + acc[4]) + (acc[2] + acc[6]))
+                                       + ((acc[1] + acc[5]) + (acc[3] + acc[7])) - zt[0])
 
     return gemv
