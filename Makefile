@@ -59,7 +59,7 @@ compile:  ## compile the last packed model for TARGET (llvm, cuda, vulkan, metal
 		$(if $(CUDA_ARCH),--cuda-arch $(CUDA_ARCH)) $(if $(INT8_DOT),--int8-dot)
 	@echo $(LIB) > build/LAST_LIB
 
-tvm-vulkan:  ## build TVM with Vulkan into ~/.cache/omniquant-mlc/tvm-vulkan (once, 2-3 h; TVM_SOURCE=tarball|dir)
+tvm-vulkan:  ## build TVM with Vulkan into ~/.cache/omniquant-mlc/tvm-vulkan (once, hours on 2 cores; TVM_SOURCE=tarball|dir)
 	TVM_SOURCE="$(TVM_SOURCE)" PYTHON=$(PYTHON) tools/build_tvm_vulkan.sh
 
 chat:  ## interactive chat with the last compiled model

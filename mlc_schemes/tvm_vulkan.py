@@ -44,7 +44,7 @@ def vulkan_python() -> Path | None:
 
 def how_to_get(what: str) -> str:
     return (f"{what}: this TVM has no Vulkan support (the PyPI apache-tvm wheel is built with USE_VULKAN=OFF). "
-            "Build one with `make tvm-vulkan` (once; 2-3 h on 2 cores; TVM_SOURCE=<tarball> for a local source), "
+            "Build one with `make tvm-vulkan` (once; hours on 2 cores; TVM_SOURCE=<tarball> for a local source), "
             f"then run the same command again: omniquant hands Vulkan work to it ({cache_dir()}/python, or "
             f"${ENV_PYTHON})")
 
