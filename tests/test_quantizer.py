@@ -87,7 +87,7 @@ def test_constant_and_zero_groups_are_exact():
     w[2, :128] = -1.25
     for sym in (False, True):
         quant = LWCQuantizer(tuple(w.shape), WeightQuantSpec(3, 128, sym), lwc=False)
-        wq, s, z = quant.export(w)
+        wq, _, _ = quant.export(w)
         assert torch.isfinite(wq).all()
         assert torch.equal(wq[0], w[0])
         if not sym:  # asymmetric: the range contains 0 and the constant hits the end code
@@ -117,3 +117,48 @@ def test_bad_spec_rejected():
         WeightQuantSpec(5)
     with pytest.raises(ValueError):
         WeightQuantSpec(4, 0)
+
+
+@pytest.mark.parametrize("with_offset", [False, True])
+def test_fused_fake_quant_gradients_equal_the_ste_graph(with_offset):
+    """GroupFakeQuant's hand-written backward == autograd through the composed straight-through formula (float64),
+    with many codes clamped at 0 and qmax so both branches of every gradient are exercised."""
+    from omniquant.quant.fakequant import GroupFakeQuant, round_ste
+
+    gen = torch.Generator().manual_seed(3)
+    n, g, gs, qmax = 6, 3, 16, 7
+    wg = torch.randn(n, g, gs, generator=gen, dtype=torch.float64).requires_grad_()
+    scale = (torch.rand(n, g, generator=gen, dtype=torch.float64) * 0.3 + 0.1).requires_grad_()
+    zero = torch.randint(0, qmax + 1, (n, g), generator=gen).double().requires_grad_()
+    v = (torch.rand(n, g, gs, generator=gen, dtype=torch.float64) - 0.5).requires_grad_() if with_offset else None
+    upstream = torch.randn(n, g, gs, generator=gen, dtype=torch.float64)
+    inputs = [t for t in (wg, scale, zero, v) if t is not None]
+
+    out = GroupFakeQuant.apply(wg, scale, zero, v, qmax)
+    x = wg / scale[..., None] + (0 if v is None else v)
+    q = (round_ste(x) + zero[..., None]).clamp(0, qmax)
+    ref = (q - zero[..., None]) * scale[..., None]
+    clamped = ((x.round() + zero[..., None] < 0) | (x.round() + zero[..., None] > qmax)).double().mean()
+    assert 0.2 < clamped < 0.8
+    assert torch.equal(out, ref)
+    for a, b in zip(torch.autograd.grad((out * upstream).sum(), inputs),
+                    torch.autograd.grad((ref * upstream).sum(), inputs)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_checkpointed_and_plain_quant_linear_give_the_same_gradients(monkeypatch):
+    """Large linears recompute the fake-quant weight in the backward pass; the gradients must not change."""
+    from omniquant.quant import qlinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 40, bias=True)
+    x = torch.randn(5, 64)
+    grads = []
+    for min_numel in (1 << 30, 1):
+        monkeypatch.setattr(qlinear, "CHECKPOINT_MIN_NUMEL", min_numel)
+        ql = qlinear.QuantLinear(lin, WeightQuantSpec(bits=3, group_size=16))
+        ql(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in ql.wquant.parameters()])
+    for a, b in zip(*grads):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
