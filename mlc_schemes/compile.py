@@ -15,6 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from omniquant.errors import UserError
 
@@ -150,17 +151,24 @@ def build_model(pm: PackedModel, target, dtype: str):
                       quantized_embed=pm.quantized_embed)
 
 
-def build_module(pm: PackedModel, target, dtype: str, int8_dot: bool = False):
+class BuiltModule(NamedTuple):
+    mod: object  # tvm.IRModule
+    param_names: list[str]
+    param_concat: dict[str, list[str]]
+    int8_dot_shapes: list[list[int]]  # distinct [N, K] of the linears that took the int8 decode kernel
+
+
+def build_module(pm: PackedModel, target, dtype: str, int8_dot: bool = False) -> BuiltModule:
     """Export the relax IRModule of the model; checks its parameters against the packed records. `int8_dot`: llvm
     only, eligible 4-bit decode GEMVs take the int8-activation kernel (`mlc_schemes.model.gemv_int8`).
 
-    Returns (module, parameter names in call order, param_concat: fused parameter -> the packed tensors that the
-    engine concatenates along axis 0 to make it)."""
+    Returns a BuiltModule (module, parameter names in call order, param_concat: fused parameter -> the packed tensors
+    that the engine concatenates along axis 0 to make it, int8_dot_shapes: the distinct [N, K] of the linears that took the int8 kernel)."""
     from mlc_schemes.model.isa import isa_of_target, use_isa
 
     model = build_model(pm, target, dtype)
     # CPU kernels size their vectors and register tiles for the target's ISA (mlc_schemes.model.isa)
-    with use_isa(isa_of_target(target), int8_dot) if target.kind.name == "llvm" else contextlib.nullcontext():
+    with use_isa(isa_of_target(target), int8_dot) if target.kind.name == "llvm" else contextlib.nullcontext() as int8_used:
         mod, named_params, _ext = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
     concat = model.param_concat
     expected = {name: (tuple(int(x) for x in p.shape), p.dtype) for name, p in named_params}
@@ -181,7 +189,7 @@ def build_module(pm: PackedModel, target, dtype: str, int8_dot: bool = False):
         problems.append(f"unused tensors {extra[:5]}")
     if problems:
         raise UserError(f"packed weights in {pm.path} do not fit the model: " + "; ".join(problems[:6]))
-    return mod, [name for name, _ in named_params], concat
+    return BuiltModule(mod, [name for name, _ in named_params], concat, sorted(map(list, set(int8_used or ()))))
 
 
 def _gpu_schedule(mod, target):
@@ -243,7 +251,7 @@ def compile_packed(packed_dir: str | Path, target_kind: str, output: str | Path,
     pm = packed_dir if isinstance(packed_dir, PackedModel) else read_packed_model(packed_dir)
     t0 = time.time()
     _, cfg = model_config(pm)
-    mod, param_names, param_concat = build_module(pm, target, dtype, int8_dot)
+    mod, param_names, param_concat, int8_shapes = build_module(pm, target, dtype, int8_dot)
     if target.kind.name != "llvm":
         mod = _gpu_schedule(mod, target)
     ex = tvm.compile(mod, target)
@@ -260,6 +268,7 @@ def compile_packed(packed_dir: str | Path, target_kind: str, output: str | Path,
             "fingerprint": fingerprint(pm), "target": target_kind, "target_str": str(target),
             "arch": arch if target_kind == "cuda" else None, "dtype": dtype,
             "cpu_isa": _isa_meta(target) if target_kind == "llvm" else None, "int8_dot": int8_dot,
+            "int8_dot_shapes": int8_shapes,
             "model_type": pm.chat.get("model_type"),
             "quantization": pm.chat.get("quantization") if pm.scheme else "none", "param_names": param_names,
             "param_concat": param_concat,

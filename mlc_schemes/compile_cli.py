@@ -11,6 +11,7 @@ fingerprint the runtime checks against the weights dir.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from omniquant.errors import UserError
@@ -49,7 +50,10 @@ def run(args: argparse.Namespace) -> int:
                           aot_cubin=False if args.no_aot else None, isa=args.isa,
                           int8_dot=args.int8_dot)
     size = out.stat().st_size / 2**20
-    print(f"wrote {out} ({size:.1f} MiB, {meta['target']}, {meta['dtype']}, {meta['quantization']}"
-          f"{', int8 dot' if meta['int8_dot'] else ''}) "
+    if meta["int8_dot"] and not meta["int8_dot_shapes"]:
+        print("note: --int8-dot found no eligible linear (it needs 4-bit codes and groups and in_features that are "
+              "multiples of 64): every decode GEMV is the exact one", file=sys.stderr)
+    int8 = f", int8 dot on linears of {len(meta['int8_dot_shapes'])} shapes" if meta["int8_dot"] else ""
+    print(f"wrote {out} ({size:.1f} MiB, {meta['target']}, {meta['dtype']}, {meta['quantization']}{int8}) "
           f"in {meta['compile_seconds']:.1f} s")
     return 0

@@ -145,7 +145,14 @@ def test_int8_dot_library_changes_decode_only(tiny_w4):
     diff = np.abs(logits["exact"][1] - logits["int8"][1]).max()
     assert 0 < diff <= 0.05 * np.abs(logits["exact"][1]).max(), diff
     pm = read_packed_model(tiny_w4 / "packed")
-    assert read_library_meta_if_fits(tiny_w4 / "int8.so", pm, int8_dot=True)["int8_dot"] is True
+    meta = read_library_meta_if_fits(tiny_w4 / "int8.so", pm, int8_dot=True)
+    assert meta["int8_dot"] is True
+    # what the library really uses: every 4-bit linear of the tiny model is eligible (K = 192, 320 at g128)
+    mc = pm.chat["model_config"]
+    hidden, inter = mc["hidden_size"], mc["intermediate_size"]
+    shapes = {tuple(s) for s in meta["int8_dot_shapes"]}
+    assert shapes >= {(2 * inter, hidden), (hidden, inter)} and all(k % 64 == 0 for _, k in shapes), shapes
+    assert read_library_meta_if_fits(tiny_w4 / "exact.so", pm)["int8_dot_shapes"] == []
     assert read_library_meta_if_fits(tiny_w4 / "int8.so", pm) is None
     assert read_library_meta_if_fits(tiny_w4 / "exact.so", pm, int8_dot=True) is None
 

@@ -17,7 +17,7 @@ def test_random_smollm2_fits_the_model(scheme, embedding):
     pm, params = random_packed_model("smollm2-135m", scheme, embedding_scheme=embedding)
     assert ("model.embed_tokens.q_weight" in params) == (embedding is not None)
     assert {n: (a.shape, str(a.dtype)) for n, a in params.items()} == pm.records
-    _, names, concat = build_module(pm, make_target("llvm"), "float16")  # raises if a name/shape/dtype does not fit
+    _, names, concat, _ = build_module(pm, make_target("llvm"), "float16")  # raises if a name/shape/dtype does not fit
     assert sorted(src for n in names for src in concat.get(n, [n])) == sorted(params)  # every tensor used once
     assert "model.layers.0.self_attn.qkv_proj.q_weight" in names or scheme == "none"
     pm2, none = random_packed_model("smollm2-135m", scheme, materialize=False, embedding_scheme=embedding)

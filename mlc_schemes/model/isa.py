@@ -61,6 +61,8 @@ def host_isa() -> CpuIsa:
 
 _CURRENT: contextvars.ContextVar[CpuIsa | None] = contextvars.ContextVar("cpu_isa", default=None)
 _INT8_DOT: contextvars.ContextVar[bool] = contextvars.ContextVar("int8_dot", default=False)
+# (n, k) of each linear call that took the int8 kernel inside the innermost `use_isa` (what the library really uses)
+_INT8_USED: contextvars.ContextVar[list | None] = contextvars.ContextVar("int8_used", default=None)
 
 
 def current_isa() -> CpuIsa:
@@ -73,13 +75,23 @@ def current_int8_dot() -> bool:
     return _INT8_DOT.get()
 
 
+def record_int8_dot(n: int, k: int) -> None:
+    """Called by the kernel factory for each linear [n, k] it sends to `gemv_int8` (see `use_isa`)."""
+    used = _INT8_USED.get()
+    if used is not None:
+        used.append((n, k))
+
+
 @contextlib.contextmanager
 def use_isa(isa: CpuIsa, int8_dot: bool = False):
     """Kernel factories called inside the block build their schedules for `isa`; with `int8_dot` the 4-bit decode
-    GEMVs take the int8-activation kernel (`mlc_schemes.model.gemv_int8`) where `isa` has one."""
-    token, token8 = _CURRENT.set(isa), _INT8_DOT.set(int8_dot)
+    GEMVs take the int8-activation kernel (`mlc_schemes.model.gemv_int8`) where `isa` has one. Yields the list of
+    (n, k) of the linear calls that took it (filled while the block runs)."""
+    used: list = []
+    token, token8, token_used = _CURRENT.set(isa), _INT8_DOT.set(int8_dot), _INT8_USED.set(used)
     try:
-        yield isa
+        yield used
     finally:
         _CURRENT.reset(token)
         _INT8_DOT.reset(token8)
+        _INT8_USED.reset(token_used)

@@ -38,7 +38,7 @@ from tvm import te, tirx
 from tvm.script import tirx as T
 
 from mlc_schemes.model import gemv_int8
-from mlc_schemes.model.isa import CpuIsa, current_int8_dot, current_isa
+from mlc_schemes.model.isa import CpuIsa, current_int8_dot, current_isa, record_int8_dot
 
 
 @dataclass(frozen=True)
@@ -168,8 +168,10 @@ def cpu_matmul_nt(n: int, k: int, x_dtype: str, out_dtype: str, quant: QuantSpec
     """
     isa = isa or current_isa()
     int8_dot = current_int8_dot() if int8_dot is None else int8_dot
-    return _cpu_matmul_nt(n, k, x_dtype, out_dtype, quant, w_dtype, isa,
-                          bool(int8_dot and quant is not None and gemv_int8.eligible(k, quant, isa)))
+    int8_dot = bool(int8_dot and quant is not None and gemv_int8.eligible(k, quant, isa))
+    if int8_dot:
+        record_int8_dot(n, k)
+    return _cpu_matmul_nt(n, k, x_dtype, out_dtype, quant, w_dtype, isa, int8_dot)
 
 
 @functools.cache  # one TVMScript parse per distinct shape, not per layer (compile time)
