@@ -71,7 +71,6 @@ class GroupFakeQuant(torch.autograd.Function):
         inside = (q >= 0) & (q <= qmax)
         d = q.clamp(0, qmax) - z
         ctx.save_for_backward(x, d, inside, scale)
-        ctx.has_v = v is not None
         return d * s
 
     @staticmethod
