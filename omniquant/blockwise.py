@@ -40,8 +40,9 @@ from omniquant.capture import block_forward, capture_block_inputs
 from omniquant.config import CalibConfig
 from omniquant.errors import UserError
 from omniquant.models.base import Adapter
+from omniquant.quant.clip_init import init_clipping
 from omniquant.quant.qlinear import QuantLinear, replace_linears, restore_linears
-from omniquant.quant.recipes import resolve_recipe
+from omniquant.quant.recipes import resolve_clip_init, resolve_recipe
 from omniquant.quant.spec import WeightQuantSpec
 from omniquant.streams import StreamFactory
 
@@ -147,11 +148,14 @@ def learns_nothing(cfg: CalibConfig) -> bool:
 
 def _quant_linears(block: nn.Module, adapter: Adapter, spec: WeightQuantSpec, cfg: CalibConfig,
                    act_quantizer_factory=None) -> dict[str, QuantLinear]:
-    """Swap the block's linears for QuantLinears with the recipe's weight quantizer (at init: the nothing-learned
-    quantizer of `learns_nothing`, bit for bit)."""
+    """Swap the block's linears for QuantLinears with the recipe's weight quantizer, its clipping started at
+    `cfg.clip_init` (quant/clip_init.py; this start is what `learns_nothing` quantizes with)."""
     recipe = resolve_recipe(cfg.recipe, cfg.wbits)
+    clip_init = resolve_clip_init(cfg.clip_init, cfg.recipe, cfg.wbits)
     qlinears = replace_linears(block, adapter.linears, lambda lin: QuantLinear(
         lin, spec, quantizer=recipe.make(tuple(lin.weight.shape), spec, lwc=cfg.lwc)))
+    for q in qlinears.values():
+        init_clipping(q.wquant, q.weight, clip_init)
     if act_quantizer_factory is not None:
         for name, q in qlinears.items():
             q.act_quantizer = act_quantizer_factory(name)

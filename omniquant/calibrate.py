@@ -18,7 +18,8 @@ from omniquant.errors import UserError
 from omniquant.hub import resolve_model
 from omniquant.models import get_adapter
 from omniquant.ppl import config_window_bos
-from omniquant.quant.recipes import LR_GROUPS, resolve_recipe
+from omniquant.quant.clip_init import CLIP_INITS
+from omniquant.quant.recipes import LR_GROUPS, resolve_clip_init, resolve_recipe
 from omniquant.quant.spec import SUPPORTED_WBITS
 
 
@@ -35,6 +36,8 @@ def validate(cfg: CalibConfig) -> None:
         if getattr(cfg, name) < (0 if name == "epochs" else 1):
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     resolve_recipe(cfg.recipe, cfg.wbits)  # UserError for an unknown recipe
+    if cfg.clip_init not in CLIP_INITS:
+        raise UserError(f"--clip-init must be one of {', '.join(CLIP_INITS)}, got {cfg.clip_init!r}")
     if cfg.lr_schedule not in SCHEDULES:
         raise UserError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {cfg.lr_schedule!r}")
     for g in LR_GROUPS.values():
@@ -103,6 +106,7 @@ def _quant_config(cfg: CalibConfig, model_type: str, model_path, result, wall: f
         "wbits": cfg.wbits, "abits": cfg.abits, "kv_bits": cfg.kv_bits, "group_size": cfg.group_size,
         "symmetric": cfg.symmetric, "lwc": cfg.lwc, "let": cfg.let,
         "recipe": resolve_recipe(cfg.recipe, cfg.wbits).name,
+        "clip_init": resolve_clip_init(cfg.clip_init, cfg.recipe, cfg.wbits),
         "model_type": model_type, "source_model": str(model_path),
         "calibration": {**cfg.to_dict(), "wall_time_s": round(wall, 2), "nan_blocks": nan_blocks,
                         "block_log": result.block_log},

@@ -14,7 +14,8 @@ import argparse
 from omniquant.block_train import SCHEDULES
 from omniquant.config import CalibConfig
 from omniquant.hub import add_model_arguments
-from omniquant.quant.recipes import BEST, LR_GROUPS, RECIPE_CHOICES
+from omniquant.quant.clip_init import CLIP_INITS
+from omniquant.quant.recipes import BEST, LR_GROUPS, RECIPE_CHOICES, RECIPES
 
 D = CalibConfig()
 
@@ -51,6 +52,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="what is learned per quantized linear: lwc (clipping, OmniQuant), lwc+round (+ rounding "
                         "offsets), blockap (scale, zero and the weights, EfficientQAT Block-AP), best (the bench's "
                         "best for --wbits: " + ", ".join(f"W{b} {r}" for b, r in BEST.items()) + "); with --let too")
+    p.add_argument("--clip-init", default=D.clip_init, choices=CLIP_INITS,
+                   help="where learned clipping starts: mse = per group the shrink of the min/max range (1.0 .. 0.5) "
+                        "with the lowest round-to-nearest weight error; minmax = the papers' start (LWC 0.982, "
+                        "Block-AP round-to-nearest); auto (default) = the recipe's own: " + ", ".join(
+                            f"{r.name} {r.clip_init}" for r in RECIPES.values()) + ". With --epochs 0 the start is "
+                        "the result")
     lr_help = "peak learning rate of the {} in {} (default: budget-aware, {:g} / sqrt(sum of the schedule's factors))"
     for group, what in (("lwc", "LWC clipping logits"), ("round", "rounding offsets (lwc+round)"),
                         ("scale", "Block-AP log-scales"), ("zero", "Block-AP zero points"),

@@ -93,7 +93,8 @@ def main() -> None:
     lrs = ", ".join(f"{g} {lr:.3g}" for g, lr in first_lr.items())
     what = "round-to-nearest, asymmetric integer zero" if rtn else (
         f"{qc['recipe']}{' + LET' if weight_act else ''}, {cal['epochs']} epochs x {cal['nsamples']} x "
-        f"{cal['seqlen']} tokens, batch {cal['batch_size']}, {cal['lr_schedule']} lr: {lrs}"
+        f"{cal['seqlen']} tokens, batch {cal['batch_size']}, {cal['lr_schedule']} lr: {lrs}, clipping from "
+        f"{qc.get('clip_init', 'minmax')}"
         + (" (CLI defaults, own windows, seed 2)" if args.cli_defaults else ""))
     if weight_act:
         what += f"; activations {args.abits}-bit per-token dynamic asymmetric"

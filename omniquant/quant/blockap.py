@@ -43,6 +43,18 @@ class BlockAPQuantizer(GroupQuantizer):
         xmax, xmin = self._range(w)
         return minmax_qparams(xmax, xmin, self.spec)[0].detach()
 
+    def learns_clipping(self) -> bool:
+        return True
+
+    @torch.no_grad()
+    def set_clip_ratio(self, ratio: torch.Tensor, xmax: torch.Tensor, xmin: torch.Tensor) -> None:
+        """a = log(ratio); b = (ratio - 1) * zf, zf = -min(W_g, 0) / scale at the new scale, so the zero point is
+        round(-ratio * min / scale): the range is [ratio * min, ratio * max], as `clip_init`'s search quantized it."""
+        self.log_scale.copy_(torch.log(ratio).to(self.log_scale.dtype))
+        if self.zero_shift is not None:
+            _, _, zf = minmax_qparams(xmax, xmin, self.spec, torch.exp(self.log_scale).to(xmax.dtype))
+            self.zero_shift.copy_(((ratio - 1) * zf).to(self.zero_shift.dtype))
+
     def qparams(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         xmax, xmin = self._range(w)
         scale, _, zf = minmax_qparams(xmax, xmin, self.spec, torch.exp(self.log_scale).to(w.dtype))

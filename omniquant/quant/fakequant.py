@@ -125,6 +125,15 @@ class GroupQuantizer(nn.Module):
     def offset(self) -> torch.Tensor | None:
         return None
 
+    def learns_clipping(self) -> bool:
+        """Whether the group ranges are learned (then `set_clip_ratio` sets where they start, `quant/clip_init`)."""
+        return False
+
+    def set_clip_ratio(self, ratio: torch.Tensor, xmax: torch.Tensor, xmin: torch.Tensor) -> None:
+        """Start the learned range of each group at [ratio * xmin, ratio * xmax] (all [N, G]; the weight's group
+        max / min, ratio in (0, 1])."""
+        raise NotImplementedError(f"{type(self).__name__} learns no clipping")
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         """Fake-quantized weight, same shape and dtype as w."""
         scale, zero = self.qparams(w)

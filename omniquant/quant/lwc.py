@@ -22,19 +22,31 @@ from torch import nn
 from omniquant.quant.fakequant import GroupQuantizer, minmax_qparams
 from omniquant.quant.spec import WeightQuantSpec
 
+LWC_INIT = 4.0  # the paper's logit init: sigmoid(4) = 0.982 of the group's min / max
+
 
 class LWCQuantizer(GroupQuantizer):
     """Fake-quantizer for one linear's weight [N, K]; `lwc=False` gives plain round-to-nearest (no parameters)."""
 
     LR_GROUPS: ClassVar[dict[str, str]] = {"upbound_factor": "lwc", "lowbound_factor": "lwc"}
 
-    def __init__(self, weight_shape: tuple[int, int], spec: WeightQuantSpec, lwc: bool = True, init: float = 4.0):
+    def __init__(self, weight_shape: tuple[int, int], spec: WeightQuantSpec, lwc: bool = True, init: float = LWC_INIT):
         super().__init__(weight_shape, spec)
         if lwc:
             self.upbound_factor = nn.Parameter(torch.full((weight_shape[0], self.n_groups), init))
             self.lowbound_factor = nn.Parameter(torch.full((weight_shape[0], self.n_groups), init))
         else:
             self.upbound_factor = self.lowbound_factor = None
+
+    def learns_clipping(self) -> bool:
+        return self.upbound_factor is not None
+
+    @torch.no_grad()
+    def set_clip_ratio(self, ratio: torch.Tensor, xmax: torch.Tensor, xmin: torch.Tensor) -> None:
+        """gamma = beta = logit(ratio), at most the init 4.0 (sigmoid saturates: larger logits barely learn)."""
+        logit = torch.logit(ratio.double()).clamp(max=LWC_INIT).to(self.upbound_factor.dtype)
+        self.upbound_factor.copy_(logit)
+        self.lowbound_factor.copy_(logit)
 
     def qparams(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-group (scale [N, G], zero [N, G]) for weight w; both carry gradients to the LWC logits."""

@@ -1,9 +1,9 @@
 """Weight recipes as data: what the block loop learns (`--recipe`), their learning-rate groups and `best`.
 
-    recipe      learns (per quantized linear)                              module
-    lwc         clipping logits gamma, beta per group (OmniQuant, default)  quant/lwc.py
-    lwc+round   LWC + a rounding offset v per weight (AutoRound's V)        quant/rounding.py
-    blockap     scale and zero per group + every weight (EfficientQAT)      quant/blockap.py
+    recipe      learns (per quantized linear)                              module             clipping starts at
+    lwc         clipping logits gamma, beta per group (OmniQuant, default)  quant/lwc.py       minmax (LWC's 0.982)
+    lwc+round   LWC + a rounding offset v per weight (AutoRound's V)        quant/rounding.py  minmax (LWC's 0.982)
+    blockap     scale and zero per group + every weight (EfficientQAT)      quant/blockap.py   mse (per-group search)
     best        the recipe the quality bench measured best for --wbits      (BEST below)
 
 Each combines with --let (LET is a separate module attached to the block) and exports the same integer codes +
@@ -43,8 +43,9 @@ class LRGroup:
 LR_GROUPS: dict[str, LRGroup] = {
     "lwc": LRGroup("lwc_lr", "logit units (init 4: sigmoid 0.982)", rate=2.0),
     "round": LRGroup("round_lr", "quantization steps (|v| <= 0.5)", rate=0.02),
-    "scale": LRGroup("scale_lr", "log-scale units (0.1: a 10 % larger step)", rate=0.04),
-    "zero": LRGroup("zero_lr", "codes", rate=0.04),
+    # scale / zero 0.02: chosen with blockap's mse clipping start (0.04 before it; bench/README.md "Tuning")
+    "scale": LRGroup("scale_lr", "log-scale units (0.1: a 10 % larger step)", rate=0.02),
+    "zero": LRGroup("zero_lr", "codes", rate=0.02),
     "weight": LRGroup("weight_lr", "quantization steps", rate=0.04),
     # LET scales are absolute per-channel factors: the paper's rate, not scaled with the step count
     "let": LRGroup("let_lr", "LET scale / shift", default_lr=5e-3),
@@ -53,9 +54,13 @@ LR_GROUPS: dict[str, LRGroup] = {
 
 @dataclass(frozen=True)
 class Recipe:
+    """clip_init: where its learned clipping starts under `--clip-init auto` (quant/clip_init.py), chosen by
+    whole-model validation perplexity (bench/README.md, "Tuning")."""
+
     name: str
     summary: str
     quantizer: type[GroupQuantizer]
+    clip_init: str = "minmax"
 
     def make(self, weight_shape: tuple[int, int], spec: WeightQuantSpec, lwc: bool = True) -> GroupQuantizer:
         if self.quantizer is BlockAPQuantizer:
@@ -66,7 +71,8 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("lwc", "learnable weight clipping (OmniQuant)", LWCQuantizer),
     Recipe("lwc+round", "LWC + learnable rounding offsets (AutoRound's V)", RoundingQuantizer),
-    Recipe("blockap", "learnable scale and zero + trainable weights (EfficientQAT Block-AP)", BlockAPQuantizer),
+    Recipe("blockap", "learnable scale and zero + trainable weights (EfficientQAT Block-AP)", BlockAPQuantizer,
+           clip_init="mse"),
 )}
 
 # --recipe best: the lowest perplexity per weight bit width in the quick quality bench (bench/README.md).
@@ -82,6 +88,11 @@ def resolve_recipe(name: str, wbits: int) -> Recipe:
     if name not in RECIPES:
         raise UserError(f"--recipe {name!r} is unknown; choose one of {', '.join(RECIPE_CHOICES)}")
     return RECIPES[name]
+
+
+def resolve_clip_init(clip_init: str, recipe: str, wbits: int) -> str:
+    """--clip-init `clip_init` for --recipe `recipe`: `auto` is the recipe's own start (Recipe.clip_init)."""
+    return resolve_recipe(recipe, wbits).clip_init if clip_init == "auto" else clip_init
 
 
 def lr_group(param_name: str) -> str:

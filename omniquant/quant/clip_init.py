@@ -1,0 +1,67 @@
+"""Where a recipe's clipping starts (`--clip-init`): the weight-error search `mse` or plain min/max (`minmax`);
+`auto` (default) takes the recipe's own (`recipes.Recipe.clip_init`: `mse` for blockap, `minmax` for the LWC ones).
+
+Per group g of a weight W [N, K] and shrink ratio r in GRID (1.0, 0.975, ..., 0.5):
+
+    Q_r(W_g) = round-to-nearest of W_g on the range [r * min(W_g), r * max(W_g)]   (`minmax_qparams`: fp16 scale,
+               integer zero, the range always holding 0)
+    r_g      = argmin_r  sum_{k in g} (Q_r(W_g)[k] - W_g[k])^2                     (real columns only; ties keep
+               the larger r, so a group that clipping cannot help keeps its full range)
+
+Each recipe then starts at r_g (`set_clip_ratio`): LWC logits logit(r_g), capped at its own init 4.0 (sigmoid
+0.982); Block-AP log-scale log r_g and a zero shift that keeps the range at [r_g min, r_g max]. A short training
+budget moves the clipping only a little from its start (LWC logits by about lr per step, Block-AP scales by
+~0.01 per step), and at 2-3 bits the weight-error optimum lies far from min/max (ratios 0.6-0.9 are common), so
+starting there is what lets 32 steps spend their movement on the block output instead. `minmax` keeps the papers'
+starts (LWC 0.982 everywhere, Block-AP round-to-nearest).
+
+Whole-model validation perplexity at the quick budget (bench/README.md, "Tuning") chose the recipes' defaults:
+Block-AP gains from `mse` (W2g128 192 -> 121, W3g128 55.2 -> 52.0) while LWC loses (240 -> 313, 62.9 -> 67.5): a
+logit started at logit(0.7) sits where the sigmoid is ~12x steeper than at LWC's 4.0, so LWC's rate then moves the
+clip ratio far more per step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from omniquant.quant.fakequant import minmax_qparams
+from omniquant.quant.spec import WeightQuantSpec, to_groups
+
+CLIP_INITS = ("auto", "mse", "minmax")
+GRID = tuple(1 - 0.025 * i for i in range(21))  # 1.0 down to 0.5
+
+
+@torch.no_grad()
+def mse_clip_ratio(wg: torch.Tensor, xmax: torch.Tensor, xmin: torch.Tensor, spec: WeightQuantSpec,
+                   in_features: int, grid=GRID) -> torch.Tensor:
+    """Per-group ratio r_g of the module docstring. wg: [N, G, gs] (edge-padded groups, `spec.to_groups`); xmax,
+    xmin: [N, G] group max / min; returns float32 [N, G] with values from `grid`."""
+    n, g, gs = wg.shape
+    real = (torch.arange(g * gs, device=wg.device) < in_features).reshape(g, gs).to(wg.dtype)
+    best_err = torch.full((n, g), float("inf"), dtype=wg.dtype, device=wg.device)
+    best = torch.ones((n, g), dtype=torch.float32, device=wg.device)
+    for r in grid:
+        scale, zero, _ = minmax_qparams(xmax * r, xmin * r, spec)
+        s, z = scale[..., None], zero[..., None]
+        wq = (torch.clamp(torch.round(wg / s) + z, 0, spec.qmax) - z) * s
+        err = ((wq - wg) ** 2 * real).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, r), best)
+    return best
+
+
+@torch.no_grad()
+def init_clipping(quantizer, weight: torch.Tensor, kind: str) -> None:
+    """Start `quantizer` (a recipe's GroupQuantizer for `weight` [N, K]) at the `kind` clipping (`mse` or
+    `minmax`; `auto` is resolved by the caller, `recipes.resolve_clip_init`)."""
+    if kind not in CLIP_INITS[1:]:
+        raise ValueError(f"clip init must be one of {CLIP_INITS[1:]}, got {kind!r}")
+    if kind == "minmax" or not quantizer.learns_clipping():
+        return
+    w = weight.detach().float()
+    wg = to_groups(w, quantizer.group_size)  # not `quantizer.stats`: its cache would keep this copy alive
+    xmax, xmin = wg.amax(-1), wg.amin(-1)
+    ratio = mse_clip_ratio(wg, xmax, xmin, quantizer.spec, quantizer.in_features)
+    quantizer.set_clip_ratio(ratio, xmax, xmin)
