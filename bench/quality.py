@@ -451,8 +451,8 @@ def _write_report(args, cfg, settings, methods, model_dir, n_eval, fp_ppl, resul
             "OmniQuant": (f"LWC + LET, {cfg.wa_epochs} epoch(s) x {cfg.n_calib} windows, batch {cfg.batch_size}, "
                           f"lwc_lr {lr}; every method's activations quantized per token (dynamic, asymmetric) by "
                           "the evaluator" if all(s.weight_act for s in settings) else
-                          f"recipes lwc, lwc+round (clipping starts at min/max), blockap (at the per-group weight-error search: "
-                          f"--clip-init auto): {cfg.epochs} epochs x {cfg.n_calib} windows in batches "
+                          f"recipes lwc, lwc+round (clipping starts at min/max), blockap (at the per-group input-weighted "
+                          f"error search: --clip-init auto = act): {cfg.epochs} epochs x {cfg.n_calib} windows in batches "
                           f"of {cfg.batch_size} ({cfg.epochs * cfg.n_calib // cfg.batch_size} steps), lwc_lr {lr}, "
                           f"asymmetric; AutoRound {cfg.autoround_iters} iters x batch {cfg.autoround_batch}: "
                           f"{cfg.epochs * cfg.n_calib} window-passes of {cfg.calib_seqlen} tokens per block for both "

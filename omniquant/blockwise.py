@@ -40,7 +40,7 @@ from omniquant.capture import block_forward, capture_block_inputs
 from omniquant.config import CalibConfig
 from omniquant.errors import UserError
 from omniquant.models.base import Adapter
-from omniquant.quant.clip_init import init_clipping
+from omniquant.quant.clip_init import STAT_WINDOWS, init_clipping, input_second_moments
 from omniquant.quant.qlinear import QuantLinear, replace_linears, restore_linears
 from omniquant.quant.recipes import resolve_clip_init, resolve_recipe
 from omniquant.quant.spec import WeightQuantSpec
@@ -148,18 +148,32 @@ def learns_nothing(cfg: CalibConfig) -> bool:
 
 def _quant_linears(block: nn.Module, adapter: Adapter, spec: WeightQuantSpec, cfg: CalibConfig,
                    act_quantizer_factory=None) -> dict[str, QuantLinear]:
-    """Swap the block's linears for QuantLinears with the recipe's weight quantizer, its clipping started at
-    `cfg.clip_init` (quant/clip_init.py; this start is what `learns_nothing` quantizes with)."""
+    """Swap the block's linears for QuantLinears with the recipe's weight quantizer (its clipping is started by
+    `start_clipping`)."""
     recipe = resolve_recipe(cfg.recipe, cfg.wbits)
-    clip_init = resolve_clip_init(cfg.clip_init, cfg.recipe, cfg.wbits)
     qlinears = replace_linears(block, adapter.linears, lambda lin: QuantLinear(
         lin, spec, quantizer=recipe.make(tuple(lin.weight.shape), spec, lwc=cfg.lwc)))
-    for q in qlinears.values():
-        init_clipping(q.wquant, q.weight, clip_init)
     if act_quantizer_factory is not None:
         for name, q in qlinears.items():
             q.act_quantizer = act_quantizer_factory(name)
     return qlinears
+
+
+def start_clipping(block: nn.Module, qlinears: dict[str, QuantLinear], cfg: CalibConfig, inputs=None,
+                   kwargs=None) -> None:
+    """Start every learned clipping of the block at `resolve_clip_init(cfg)` (quant/clip_init.py); `act` weighs
+    the search by the linears' input second moments over the first STAT_WINDOWS windows of `inputs` (the block's
+    calibration input [n, L, H], on the block's device). This start is what `learns_nothing` quantizes with."""
+    if not any(q.wquant.learns_clipping() for q in qlinears.values()):
+        return
+    kind = resolve_clip_init(cfg)
+    moments = {}
+    if kind == "act":
+        n = min(STAT_WINDOWS, inputs.shape[0])
+        moments = input_second_moments(
+            qlinears, lambda: [block_forward(block, inputs[j : j + 1], kwargs) for j in range(n)])
+    for name, q in qlinears.items():
+        init_clipping(q.wquant, q.weight, kind, moments.get(name))
 
 
 class ModelBlocks:
@@ -233,6 +247,7 @@ def _quantize_directly(blocks, adapter: Adapter, cfg: CalibConfig, state: RunSta
         block.requires_grad_(False)
         qlinears = _quant_linears(block, adapter, spec, cfg)
         block.to(device)
+        start_clipping(block, qlinears, cfg)
         _fuse(block, qlinears, None, f"{adapter.blocks_path}.{i}", result)
         # the same log as the block-wise path gives an untrained block
         result.block_log.append({"block": i, "epoch_loss": [], "nan": None})
@@ -273,6 +288,8 @@ def _calibrate_blockwise(model, blocks, adapter, windows, cfg, state, resume, ma
             if let is not None:
                 setattr(block, LET_ATTR, let)
             block.to(device)  # the quantizers' and LET's new parameters too
+            if i >= done:  # (a resumed block gets its learned state below)
+                start_clipping(block, qlinears, cfg, q, kwargs)
             if i < done:
                 learned, log = state.load_block(i)
                 set_learned(block, learned)

@@ -106,7 +106,7 @@ def _quant_config(cfg: CalibConfig, model_type: str, model_path, result, wall: f
         "wbits": cfg.wbits, "abits": cfg.abits, "kv_bits": cfg.kv_bits, "group_size": cfg.group_size,
         "symmetric": cfg.symmetric, "lwc": cfg.lwc, "let": cfg.let,
         "recipe": resolve_recipe(cfg.recipe, cfg.wbits).name,
-        "clip_init": resolve_clip_init(cfg.clip_init, cfg.recipe, cfg.wbits),
+        "clip_init": resolve_clip_init(cfg),
         "model_type": model_type, "source_model": str(model_path),
         "calibration": {**cfg.to_dict(), "wall_time_s": round(wall, 2), "nan_blocks": nan_blocks,
                         "block_log": result.block_log},

@@ -53,11 +53,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "offsets), blockap (scale, zero and the weights, EfficientQAT Block-AP), best (the bench's "
                         "best for --wbits: " + ", ".join(f"W{b} {r}" for b, r in BEST.items()) + "); with --let too")
     p.add_argument("--clip-init", default=D.clip_init, choices=CLIP_INITS,
-                   help="where learned clipping starts: mse = per group the shrink of the min/max range (1.0 .. 0.5) "
-                        "with the lowest round-to-nearest weight error; minmax = the papers' start (LWC 0.982, "
+                   help="where learned clipping starts: per group the shrink of the min/max range (1.0 .. 0.5) with "
+                        "the lowest round-to-nearest error, weighted by each input column's mean square over 4 "
+                        "calibration windows (act) or unweighted (mse); minmax = the papers' start (LWC 0.982, "
                         "Block-AP round-to-nearest); auto (default) = the recipe's own: " + ", ".join(
                             f"{r.name} {r.clip_init}" for r in RECIPES.values()) + ". With --epochs 0 the start is "
-                        "the result")
+                        "the result (act then acts as mse: no calibration text is read)")
     lr_help = "peak learning rate of the {} in {} (default: budget-aware, {:g} / sqrt(sum of the schedule's factors))"
     for group, what in (("lwc", "LWC clipping logits"), ("round", "rounding offsets (lwc+round)"),
                         ("scale", "Block-AP log-scales"), ("zero", "Block-AP zero points"),

@@ -1,5 +1,6 @@
-"""Clipping start (`--clip-init`, omniquant/quant/clip_init.py): the per-group weight-error search against a float64
-numpy brute force, each recipe starting exactly at the searched range, and the calibration CLI / checkpoint."""
+"""Clipping start (`--clip-init`, omniquant/quant/clip_init.py): the per-group error search (unweighted and
+input-weighted) against a float64 numpy brute force, the input second moments against a direct computation, each
+recipe starting exactly at the searched range, and the calibration CLI / checkpoint (`auto` resolved)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,22 @@ import numpy as np
 import pytest
 import torch
 
-from omniquant.quant.clip_init import GRID, init_clipping, mse_clip_ratio
+from omniquant.quant.clip_init import (
+    GRID,
+    init_clipping,
+    input_second_moments,
+    mse_clip_ratio,
+)
 from omniquant.quant.lwc import LWC_INIT, LWCQuantizer
 from omniquant.quant.recipes import BEST, RECIPES
 from omniquant.quant.spec import WeightQuantSpec, to_groups
 
 
-def _rtn_error_np(w: np.ndarray, r: float, bits: int, gs: int, sym: bool) -> np.ndarray:
+def _rtn_error_np(w: np.ndarray, r: float, bits: int, gs: int, sym: bool, h: np.ndarray | None = None) -> np.ndarray:
     """float64 per-group squared error [N, G] of round-to-nearest on the range [r min, r max] (real columns only),
-    written from the formula of docs/formats.md (fp16 scale, integer zero, range holding 0)."""
+    each column weighted by h [K] (default 1), written from the formula of docs/formats.md (fp16 scale, integer
+    zero, range holding 0)."""
+    h = np.ones(w.shape[1]) if h is None else h.astype(np.float64)
     n, k = w.shape
     g = -(-k // gs)
     out = np.zeros((n, g))
@@ -35,22 +43,26 @@ def _rtn_error_np(w: np.ndarray, r: float, bits: int, gs: int, sym: bool) -> np.
         if not sym:
             z = np.clip(np.rint(-lo / s), 0, qmax)
         q = np.clip(np.rint(wg / s[:, None]) + z[:, None], 0, qmax)
-        out[:, j] = (((q - z[:, None]) * s[:, None] - wg) ** 2).sum(1)
+        out[:, j] = ((((q - z[:, None]) * s[:, None] - wg) ** 2) * h[j * gs:(j + 1) * gs]).sum(1)
     return out
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["mse", "act"])
 @pytest.mark.parametrize("bits,gs,sym", [(2, 64, False), (3, 128, False), (4, 32, True)])
-def test_search_picks_the_lowest_error_ratio(bits, gs, sym):
-    """The chosen ratio's error (float64 reference) is the grid's minimum, up to float32 near-ties; the ragged last
-    group counts its real columns only; ratio 1.0 (min/max) is in the grid, so the error never exceeds RTN's."""
+def test_search_picks_the_lowest_error_ratio(bits, gs, sym, weighted):
+    """The chosen ratio's error (float64 reference, columns weighted by h for `act`) is the grid's minimum, up to
+    float32 near-ties; the ragged last group counts its real columns only; ratio 1.0 (min/max) is in the grid, so
+    the error never exceeds RTN's."""
     rng = np.random.default_rng(bits)
     w = (rng.standard_t(3, size=(16, 300)) * 0.02).astype(np.float32)  # heavy tails: clipping pays off
+    h = (rng.lognormal(0, 1.5, 300) if weighted else np.ones(300)).astype(np.float32)  # outlier input columns
     spec = WeightQuantSpec(bits, gs, sym)
     wt = torch.from_numpy(w)
     wg = to_groups(wt, gs)
-    ratio = mse_clip_ratio(wg, wg.amax(-1), wg.amin(-1), spec, w.shape[1]).numpy()
+    ratio = mse_clip_ratio(wg, wg.amax(-1), wg.amin(-1), spec, w.shape[1],
+                           torch.from_numpy(h) if weighted else None).numpy()
     assert set(np.unique(ratio)) <= {np.float32(r) for r in GRID}
-    errs = np.stack([_rtn_error_np(w, r, bits, gs, sym) for r in GRID])  # [R, N, G]
+    errs = np.stack([_rtn_error_np(w, r, bits, gs, sym, h) for r in GRID])  # [R, N, G]
     chosen = np.take_along_axis(errs, np.searchsorted(-np.array(GRID, np.float32), -ratio)[None], 0)[0]
     np.testing.assert_allclose(chosen, errs.min(0), rtol=1e-4)
     assert (chosen <= errs[0] * (1 + 1e-4)).all()
@@ -98,9 +110,24 @@ def test_minmax_and_rtn_are_left_alone():
     assert rtn.upbound_factor is None
     with pytest.raises(ValueError, match="clip init must be one of"):
         init_clipping(q, w, "percentile")
+    with pytest.raises(ValueError, match="'act' needs the input second moments"):
+        init_clipping(q, w, "act")
 
 
-def test_calibrate_records_and_applies_clip_init(tiny_llama_dir, tmp_path, capsys):
+def test_input_second_moments_are_the_mean_square_of_each_input_column():
+    torch.manual_seed(0)
+    lins = {"a": torch.nn.Linear(6, 5), "b": torch.nn.Linear(5, 3)}
+    xs = [torch.randn(2, 7, 6) * torch.arange(1, 7) for _ in range(3)]
+    m = input_second_moments(lins, lambda: [lins["b"](lins["a"](x)) for x in xs])
+    xa = torch.cat([x.reshape(-1, 6) for x in xs]).double()
+    with torch.no_grad():
+        xb = lins["a"](xa.float()).double()
+    torch.testing.assert_close(m["a"], xa.pow(2).mean(0).float())
+    torch.testing.assert_close(m["b"], xb.pow(2).mean(0).float(), rtol=1e-5, atol=1e-6)
+    assert not lins["a"]._forward_pre_hooks  # hooks removed
+
+
+def test_calibrate_records_and_applies_clip_init(tiny_llama_dir, calib_text, tmp_path, capsys):
     """--epochs 0 quantizes with the start itself: the mse start has a lower weight error than min/max's, and the
     checkpoint records which one (`auto` resolved to the recipe's); an unknown value is refused by the CLI."""
     from safetensors.torch import load_file
@@ -118,9 +145,12 @@ def test_calibrate_records_and_applies_clip_init(tiny_llama_dir, tmp_path, capsy
         err[kind] = sum(float(((new[f"{n}.weight"].float() - orig[f"{n}.weight"].float()) ** 2).sum())
                         for n in qc["quantized_linears"])
     assert err["mse"] < 0.9 * err["minmax"]
-    for recipe, want in (("lwc", "minmax"), ("blockap", "mse"), ("best", RECIPES[BEST[2]].clip_init)):
-        out = calibrate_checkpoint(tiny_llama_dir, tmp_path / f"auto-{recipe}", wbits=2, group_size=64, epochs=0,
-                                   recipe=recipe)
+    # auto: the recipe's own; `act` reads calibration inputs, so without training it is `mse`
+    best = RECIPES[BEST[2]].clip_init
+    for recipe, epochs, want in (("lwc", 0, "minmax"), ("blockap", 0, "mse"), ("blockap", 1, "act"),
+                                 ("best", 0, "mse" if best == "act" else best)):
+        out = calibrate_checkpoint(tiny_llama_dir, tmp_path / f"auto-{recipe}-{epochs}", wbits=2, group_size=64,
+                                   epochs=epochs, recipe=recipe, nsamples=2, seqlen=32, calib_data=calib_text)
         qc = json.loads((out / "quant_config.json").read_text())
         assert qc["calibration"]["clip_init"] == "auto" and qc["clip_init"] == want
     with pytest.raises(SystemExit) as e:

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
 
     from bench.windows import book_source
     from omniquant.block_train import schedule_factors, train_block
-    from omniquant.blockwise import _quant_linears
+    from omniquant.blockwise import _quant_linears, start_clipping
     from omniquant.capture import block_forward, capture_block_inputs
     from omniquant.config import CalibConfig
     from omniquant.data import load_tokens, sample_windows
@@ -92,7 +92,8 @@ def main(argv=None) -> int:
                     if k.startswith("budget_"):
                         setattr(cfg, LR_GROUPS[k.removeprefix("budget_")].field, v / sum(f))
                 b = copy.deepcopy(block)
-                _quant_linears(b, adapter, spec, cfg)
+                qls = _quant_linears(b, adapter, spec, cfg)
+                start_clipping(b, qls, cfg, xc, kw)
                 t0 = time.time()
                 log = train_block(b, xc, yc, None, kw, cfg, None, f"block {i} {c}")
                 row["seconds"][i] = round(time.time() - t0, 1)

@@ -3,7 +3,7 @@
     recipe      learns (per quantized linear)                              module             clipping starts at
     lwc         clipping logits gamma, beta per group (OmniQuant, default)  quant/lwc.py       minmax (LWC's 0.982)
     lwc+round   LWC + a rounding offset v per weight (AutoRound's V)        quant/rounding.py  minmax (LWC's 0.982)
-    blockap     scale and zero per group + every weight (EfficientQAT)      quant/blockap.py   mse (per-group search)
+    blockap     scale and zero per group + every weight (EfficientQAT)      quant/blockap.py   act (per-group search)
     best        the recipe the quality bench measured best for --wbits      (BEST below)
 
 Each combines with --let (LET is a separate module attached to the block) and exports the same integer codes +
@@ -43,7 +43,7 @@ class LRGroup:
 LR_GROUPS: dict[str, LRGroup] = {
     "lwc": LRGroup("lwc_lr", "logit units (init 4: sigmoid 0.982)", rate=2.0),
     "round": LRGroup("round_lr", "quantization steps (|v| <= 0.5)", rate=0.02),
-    # scale / zero 0.02: chosen with blockap's mse clipping start (0.04 before it; bench/README.md "Tuning")
+    # scale / zero 0.02: chosen with blockap's mse clipping start and kept for act (0.04 before; bench/README.md "Tuning")
     "scale": LRGroup("scale_lr", "log-scale units (0.1: a 10 % larger step)", rate=0.02),
     "zero": LRGroup("zero_lr", "codes", rate=0.02),
     "weight": LRGroup("weight_lr", "quantization steps", rate=0.04),
@@ -72,7 +72,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("lwc", "learnable weight clipping (OmniQuant)", LWCQuantizer),
     Recipe("lwc+round", "LWC + learnable rounding offsets (AutoRound's V)", RoundingQuantizer),
     Recipe("blockap", "learnable scale and zero + trainable weights (EfficientQAT Block-AP)", BlockAPQuantizer,
-           clip_init="mse"),
+           clip_init="act"),
 )}
 
 # --recipe best: the lowest perplexity per weight bit width in the quick quality bench (bench/README.md).
@@ -90,9 +90,11 @@ def resolve_recipe(name: str, wbits: int) -> Recipe:
     return RECIPES[name]
 
 
-def resolve_clip_init(clip_init: str, recipe: str, wbits: int) -> str:
-    """--clip-init `clip_init` for --recipe `recipe`: `auto` is the recipe's own start (Recipe.clip_init)."""
-    return resolve_recipe(recipe, wbits).clip_init if clip_init == "auto" else clip_init
+def resolve_clip_init(cfg) -> str:
+    """The clipping start a CalibConfig asks for: `auto` is its recipe's own (Recipe.clip_init); `act` becomes
+    `mse` without training (--epochs 0: no calibration inputs are read)."""
+    kind = resolve_recipe(cfg.recipe, cfg.wbits).clip_init if cfg.clip_init == "auto" else cfg.clip_init
+    return "mse" if kind == "act" and cfg.epochs == 0 else kind
 
 
 def lr_group(param_name: str) -> str:
