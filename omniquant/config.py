@@ -17,8 +17,8 @@ class CalibConfig:
     lwc: bool = True
     let: bool = False
     recipe: str = "lwc"  # what is learned per quantized linear: lwc, lwc+round, blockap, best (quant/recipes.py)
-    clip_init: str = "auto"  # where learned clipping starts: mse (per-group weight-error search), minmax, or auto
-    #                          (the recipe's own: quant/recipes.py, quant/clip_init.py)
+    clip_init: str = "auto"  # where learned clipping starts: act / mse (per-group error search, input-weighted or
+    #                          not), minmax, or auto (the recipe's own: quant/recipes.py, quant/clip_init.py)
     epochs: int = 20
     nsamples: int = 128
     seqlen: int = 2048

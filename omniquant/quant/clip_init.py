@@ -40,6 +40,7 @@ from omniquant.quant.spec import WeightQuantSpec, to_groups
 CLIP_INITS = ("auto", "act", "mse", "minmax")
 STAT_WINDOWS = 4  # calibration windows whose linear inputs give E[x^2] for `act` (4 x 512 tokens on the quick bench)
 GRID = tuple(1 - 0.025 * i for i in range(21))  # 1.0 down to 0.5
+SEARCH_CHUNK = 1 << 22  # weights per row chunk of the search
 
 
 @torch.no_grad()
@@ -52,16 +53,20 @@ def mse_clip_ratio(wg: torch.Tensor, xmax: torch.Tensor, xmin: torch.Tensor, spe
     if col_weight is not None:
         real[:in_features] *= col_weight.to(wg.dtype)
     real = real.reshape(g, gs)
-    best_err = torch.full((n, g), float("inf"), dtype=wg.dtype, device=wg.device)
     best = torch.ones((n, g), dtype=torch.float32, device=wg.device)
-    for r in grid:
-        scale, zero, _ = minmax_qparams(xmax * r, xmin * r, spec)
-        s, z = scale[..., None], zero[..., None]
-        wq = (torch.clamp(torch.round(wg / s) + z, 0, spec.qmax) - z) * s
-        err = ((wq - wg) ** 2 * real).sum(-1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, torch.full_like(best, r), best)
+    # rows in chunks: each ratio's temporaries stay ~16 MB, not several weight-sized copies (7B: 180 MB each)
+    rows = max(1, SEARCH_CHUNK // (g * gs))
+    for r0 in range(0, n, rows):
+        w_c, hi, lo = wg[r0 : r0 + rows], xmax[r0 : r0 + rows], xmin[r0 : r0 + rows]
+        best_err = torch.full(hi.shape, float("inf"), dtype=wg.dtype, device=wg.device)
+        for r in grid:
+            scale, zero, _ = minmax_qparams(hi * r, lo * r, spec)
+            s, z = scale[..., None], zero[..., None]
+            wq = (torch.clamp(torch.round(w_c / s) + z, 0, spec.qmax) - z) * s
+            err = ((wq - w_c) ** 2 * real).sum(-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best[r0 : r0 + rows] = torch.where(better, r, best[r0 : r0 + rows])
     return best
 
 
