@@ -8,9 +8,12 @@ group per learning-rate group (quant/recipes.py LR_GROUPS). Budget-aware rates: 
 batch_size steps and schedule factors f_t (linear: 1 - t/S, cosine: (1 + cos(pi t / S)) / 2, constant: 1), a group
 with rate constant c gets the peak rate c / sqrt(sum_t f_t) unless its --<group>-lr is given.
 
-Keep-best (AutoRound's rule): the parameters that gave the lowest step loss are kept; the state after the last
-step is scored on the first batch. A non-finite loss stops this block's training and restores the best finite
-parameters (the last finite ones without keep-best); both are recorded in the log. Optimizer state lives and dies
+The block keeps the parameters after the last step (the rate has decayed to 0 there). Keep-best (AutoRound's rule,
+opt-in): the parameters that gave the lowest step loss are kept instead, the state after the last step scored on
+the first batch; off by default, because a step's loss on its own batch ranks the batches' difficulty as much as
+the parameters (at one window per step it mostly picks a step on the easiest window). A non-finite loss stops this
+block's training and restores the last finite parameters (the best finite ones with keep-best); both are recorded
+in the log. Optimizer state lives and dies
 with the block.
 """
 

@@ -69,8 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--let-lr", "--let_lr", type=float, default=D.let_lr, help="peak learning rate of LET's scales and shifts")
     p.add_argument("--lr-schedule", default=D.lr_schedule, choices=SCHEDULES,
                    help="learning-rate decay over each block's steps: linear / cosine to 0, or constant")
-    p.add_argument("--no-keep-best", dest="keep_best", action="store_false",
-                   help="keep the parameters after the last step instead of those with the lowest step loss")
+    p.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=D.keep_best,
+                   help="keep the parameters of the lowest step loss (AutoRound's rule) instead of those after the "
+                        "last step (default: off; at one window per step the lowest loss mostly marks the easiest "
+                        "window, and the last step scored lower validation perplexity for every recipe tried)")
     p.add_argument("--wd", type=float, default=D.wd, help="AdamW weight decay")
     p.add_argument("--aug-loss", "--aug_loss", action="store_true",
                    help="also match the fp block's output on the quantized input stream")

@@ -32,7 +32,9 @@ class CalibConfig:
     weight_lr: float | None = None
     let_lr: float = 5e-3
     lr_schedule: str = "linear"  # linear / cosine decay to 0 over the block's steps, or constant
-    keep_best: bool = True  # keep the parameters of the lowest step loss (AutoRound's rule)
+    # keep the parameters of the lowest step loss (AutoRound's rule) instead of those after the last step; off by
+    # default: one-window step losses rank windows more than parameters (bench/README.md, "Tuning")
+    keep_best: bool = False
     wd: float = 0.0
     alpha: float = 0.5
     act_stats: str | None = None  # LET init statistics file (default: <output>.act_stats.safetensors, reused)

@@ -30,6 +30,12 @@ def test_lwc_flag_and_default(monkeypatch):
     assert calib_config(monkeypatch, "--lwc", "--lwc-lr", "0.05")[0].lwc_lr == 0.05
 
 
+def test_keep_best_is_opt_in(monkeypatch):
+    assert calib_config(monkeypatch)[0].keep_best is False
+    assert calib_config(monkeypatch, "--keep-best")[0].keep_best is True
+    assert calib_config(monkeypatch, "--keep-best", "--no-keep-best")[0].keep_best is False
+
+
 def test_streams_flag(monkeypatch):
     assert calib_config(monkeypatch)[1]["streams"] == "auto"
     assert calib_config(monkeypatch, "--streams", "disk")[1]["streams"] == "disk"
