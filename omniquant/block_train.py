@@ -13,8 +13,7 @@ opt-in): the parameters that gave the lowest step loss are kept instead, the sta
 the first batch; off by default, because a step's loss on its own batch ranks the batches' difficulty as much as
 the parameters (at one window per step it mostly picks a step on the easiest window). A non-finite loss stops this
 block's training and restores the last finite parameters (the best finite ones with keep-best); both are recorded
-in the log. Optimizer state lives and dies
-with the block.
+in the log. Optimizer state lives and dies with the block.
 """
 
 from __future__ import annotations
