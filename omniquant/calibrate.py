@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from omniquant.block_train import SCHEDULES
+from omniquant.block_train import AMP_CHOICES, SCHEDULES, resolve_amp
 from omniquant.blockwise import RunState, calibrate_model, learns_nothing
 from omniquant.config import SUPPORTED_ABITS, CalibConfig
 from omniquant.data import load_tokens, sample_windows
@@ -38,6 +38,8 @@ def validate(cfg: CalibConfig) -> None:
     resolve_recipe(cfg.recipe, cfg.wbits)  # UserError for an unknown recipe
     if cfg.clip_init not in CLIP_INITS:
         raise UserError(f"--clip-init must be one of {', '.join(CLIP_INITS)}, got {cfg.clip_init!r}")
+    if cfg.amp not in AMP_CHOICES:
+        raise UserError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {cfg.amp!r}")
     if cfg.lr_schedule not in SCHEDULES:
         raise UserError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {cfg.lr_schedule!r}")
     for g in LR_GROUPS.values():
@@ -108,7 +110,8 @@ def _quant_config(cfg: CalibConfig, model_type: str, model_path, result, wall: f
         "recipe": resolve_recipe(cfg.recipe, cfg.wbits).name,
         "clip_init": resolve_clip_init(cfg),
         "model_type": model_type, "source_model": str(model_path),
-        "calibration": {**cfg.to_dict(), "wall_time_s": round(wall, 2), "nan_blocks": nan_blocks,
+        "calibration": {**cfg.to_dict(), "amp_resolved": "bf16" if resolve_amp(cfg, torch.device(cfg.device))
+                        else "off", "wall_time_s": round(wall, 2), "nan_blocks": nan_blocks,
                         "block_log": result.block_log},
     }
     if weight_act is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from omniquant.block_train import SCHEDULES
+from omniquant.block_train import AMP_CHOICES, SCHEDULES
 from omniquant.config import CalibConfig
 from omniquant.hub import add_model_arguments
 from omniquant.quant.clip_init import CLIP_INITS
@@ -73,6 +73,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep the parameters of the lowest step loss (AutoRound's rule) instead of those after the "
                         "last step (default: off; at one window per step the lowest loss mostly marks the easiest "
                         "window, and the last step scored lower validation perplexity for every recipe tried)")
+    p.add_argument("--amp", default=D.amp, choices=AMP_CHOICES,
+                   help="the training steps' matmuls in bfloat16 (autocast; quantizers, loss, optimizer and streams "
+                        "stay float32, the export is exact either way): bf16, off (float32), or auto (default: bf16 "
+                        "on CUDA, and for weight-only runs on CPUs with native bf16, AVX512-BF16 or AMX, where a "
+                        "step takes about half the time; float32 elsewhere, where torch would emulate bf16)")
     p.add_argument("--wd", type=float, default=D.wd, help="AdamW weight decay")
     p.add_argument("--aug-loss", "--aug_loss", action="store_true",
                    help="also match the fp block's output on the quantized input stream")

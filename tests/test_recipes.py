@@ -108,15 +108,47 @@ def _mse(block, x, kwargs, target) -> float:
         return float(torch.nn.functional.mse_loss(block_forward(block, x, kwargs), target))
 
 
+@pytest.mark.parametrize("amp", ["off", "bf16"])
 @pytest.mark.parametrize("recipe", ALL)
-def test_recipe_lowers_the_block_loss(recipe, block0):
+def test_recipe_lowers_the_block_loss(recipe, amp, block0):
+    """Every recipe lowers the float32 block loss, with float32 training matmuls and with bfloat16 ones."""
     block, x, kwargs, target = _quantized_block(block0, recipe)
     before = _mse(block, x, kwargs, target)
     log = train_block(block, x, target, None, kwargs, CalibConfig(wbits=2, group_size=64, epochs=4, nsamples=8,
-                                                                   batch_size=2, recipe=recipe), None, "test")
+                                                                   batch_size=2, recipe=recipe, amp=amp), None, "test")
     after = _mse(block, x, kwargs, target)
     assert after < 0.9 * before, (before, after)
     assert log["nan"] is None and len(log["epoch_loss"]) == 4 and "best" not in log  # the last step's, by default
+    assert log["matmul_dtype"] == {"off": "float32", "bf16": "bfloat16"}[amp]
+
+
+def test_amp_auto_is_bf16_only_where_the_cpu_has_it(monkeypatch):
+    """auto: bf16 on CUDA; on CPU only with native bf16 (AVX512-BF16 / AMX) and only for weight-only runs."""
+    from omniquant import block_train
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for native in (False, True):
+        monkeypatch.setattr(block_train, "cpu_has_native_bf16", lambda native=native: native)
+        assert block_train.resolve_amp(CalibConfig(), cpu) is native
+        assert block_train.resolve_amp(CalibConfig(abits=8), cpu) is False
+        assert block_train.resolve_amp(CalibConfig(kv_bits=4), cpu) is False
+        assert block_train.resolve_amp(CalibConfig(), cuda) is True
+        assert block_train.resolve_amp(CalibConfig(amp="bf16", abits=8), cpu) is True
+        assert block_train.resolve_amp(CalibConfig(amp="off"), cuda) is False
+    with pytest.raises(ValueError, match="amp must be one of"):
+        block_train.resolve_amp(CalibConfig(amp="fp16"), cpu)
+
+
+def test_unknown_amp_is_a_clear_error(tiny_llama_dir, calib_text, tmp_path, capsys):
+    from omniquant.calibrate import calibrate_checkpoint
+    from omniquant.cli import main
+
+    with pytest.raises(UserError, match="--amp must be one of auto, bf16, off, got 'fp16'"):
+        calibrate_checkpoint(tiny_llama_dir, tmp_path / "o", amp="fp16", calib_data=calib_text, **SMALL)
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit) as e:
+        main(["calibrate", "--model", str(tiny_llama_dir), "--output", str(tmp_path / "o"), "--amp", "fp16"])
+    assert e.value.code == 2 and "invalid choice: 'fp16'" in capsys.readouterr().err
 
 
 def test_minibatch_forward_equals_one_window_at_a_time(block0, tiny_opt_dir):
