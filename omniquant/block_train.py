@@ -18,7 +18,7 @@ in the log. Optimizer state lives and dies with the block.
 Mixed precision (`amp`, resolve_amp): the forward and backward matmuls of a step run in bfloat16 under autocast, as
 AutoRound's CPU default does; the fake-quantizers, the loss, the optimizer state and the streams stay float32, so
 the export is exact either way. On a CPU with native bf16 dot products a step takes about half the time (SmolLM2
-block at W3g128, Zen 5, 1 thread: 0.17-0.20 -> 0.09-0.12 s); validation perplexity in bench/README.md "Mixed precision".
+block at W3g128, Zen 5, 1 thread: 0.17-0.20 -> 0.09-0.12 s); validation perplexity in bench/README.md "Mixed precision on CPU".
 """
 
 from __future__ import annotations
@@ -55,6 +55,11 @@ def resolve_amp(cfg: CalibConfig, device: torch.device) -> bool:
         weight_only = cfg.abits == 16 and cfg.kv_bits == 16
         return device.type == "cuda" or (device.type == "cpu" and weight_only and cpu_has_native_bf16())
     return cfg.amp == "bf16"
+
+
+def matmul_dtype(cfg: CalibConfig, device: torch.device) -> str:
+    """The training matmuls' dtype as recorded in the block log and quant_config.json."""
+    return "bfloat16" if resolve_amp(cfg, device) else "float32"
 
 
 def learned_state(block: nn.Module) -> dict[str, torch.Tensor]:
@@ -119,7 +124,7 @@ def train_block(block, q_inps, fp_outs, aug_outs, kwargs, cfg: CalibConfig, let,
     factors = schedule_factors(n_steps, cfg.lr_schedule)
     groups = param_groups(block, cfg, factors)
     log["lr"] = {g["name"]: g["lr"] for g in groups}
-    log["matmul_dtype"] = "bfloat16" if amp else "float32"
+    log["matmul_dtype"] = matmul_dtype(cfg, q_inps.device)
     opt = torch.optim.AdamW(groups, weight_decay=cfg.wd)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: factors[t] if t < n_steps else 0.0)
     scaler = torch.amp.GradScaler("cuda") if amp and q_inps.device.type == "cuda" else None

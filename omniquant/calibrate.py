@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from omniquant.block_train import AMP_CHOICES, SCHEDULES, resolve_amp
+from omniquant.block_train import AMP_CHOICES, SCHEDULES, matmul_dtype
 from omniquant.blockwise import RunState, calibrate_model, learns_nothing
 from omniquant.config import SUPPORTED_ABITS, CalibConfig
 from omniquant.data import load_tokens, sample_windows
@@ -110,8 +110,8 @@ def _quant_config(cfg: CalibConfig, model_type: str, model_path, result, wall: f
         "recipe": resolve_recipe(cfg.recipe, cfg.wbits).name,
         "clip_init": resolve_clip_init(cfg),
         "model_type": model_type, "source_model": str(model_path),
-        "calibration": {**cfg.to_dict(), "amp_resolved": "bf16" if resolve_amp(cfg, torch.device(cfg.device))
-                        else "off", "wall_time_s": round(wall, 2), "nan_blocks": nan_blocks,
+        "calibration": {**cfg.to_dict(), "matmul_dtype": matmul_dtype(cfg, torch.device(cfg.device)),
+                        "wall_time_s": round(wall, 2), "nan_blocks": nan_blocks,
                         "block_log": result.block_log},
     }
     if weight_act is not None:
