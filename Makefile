@@ -11,6 +11,7 @@ EVAL   ?= ../shared/data/austen/prideprejudice.txt,../shared/data/austen/persuas
 MAXWIN ?= 40
 TARGET ?= llvm
 SCHEME ?= w$(WBITS)a16g$(GROUP)asym
+QUANT_ARGS ?=  # more `omniquant calibrate` flags, e.g. QUANT_ARGS="--recipe best --e2e-epochs 1"
 
 # build/<last path part>-<scheme>: a dir, a preset (llama2-7b) or a hub id (meta-llama/Llama-2-7b-hf -> Llama-2-7b-hf)
 MODEL_NAME := $(notdir $(patsubst %/,%,$(MODEL)))
@@ -36,7 +37,7 @@ tiny: build/models/tiny-llama/config.json  ## a tiny Llama (GQA) trained for 80 
 
 quantize:  ## calibrate MODEL (dir, `smollm2`, preset like llama2-7b, or hub id org/name; REVISION=) -> build/<name>-<scheme>/
 	$(PYTHON) -m omniquant calibrate --model $(MODEL) $(if $(REVISION),--revision $(REVISION)) --wbits $(WBITS) --group-size $(GROUP) --epochs $(EPOCHS) \
-		--nsamples $(NSAMPLES) --seqlen $(SEQLEN) --calib-data $(CALIB) --output $(QUANT_DIR) --overwrite
+		--nsamples $(NSAMPLES) --seqlen $(SEQLEN) --calib-data $(CALIB) --output $(QUANT_DIR) --overwrite $(QUANT_ARGS)
 	@echo $(QUANT_DIR) > build/LAST_QUANT
 
 ppl:  ## perplexity of the last quantized model on the held-out Austen books

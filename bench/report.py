@@ -61,7 +61,8 @@ def ppl_table(data: dict) -> list[str]:
                 cell += f" ({r['n_skipped']}/{r['n_linears']} float)"
             cells.append(f"**{cell}**" if best else cell)
         lines.append(f"| {m['label']} | " + " | ".join(cells) + " |")
-    return lines + ["", "Bold: lowest perplexity among methods that quantized every decoder linear; \"(k/n float)\": "
+    return lines + ["", "Bold: lowest perplexity among methods that quantized every decoder linear at the common budget "
+                    "(a row marked with a larger budget is never bold); \"(k/n float)\": "
                     "the method left k of the n decoder linears unquantized (their in_features is not a multiple of "
                     "the group size)."]
 
@@ -215,6 +216,34 @@ def publish(json_path: Path, readme: Path, results_dir: Path) -> list[Path]:
     return [out_json, out_md, *([out_png] if has_png else []), readme]
 
 
+def merge_runs(base: dict, new: dict) -> dict:
+    """`new` with the results of the methods it did not run taken from `base` (an earlier run of the same settings,
+    windows and budget, e.g. bench/results/quality-quick.json), best / goal recomputed; `run.merged` says which rows
+    come from which run. ValueError when the two runs are not comparable."""
+    from bench.methods import METHODS, parse_setting
+    from bench.quality import best_of_ours, goal_check
+
+    for key in ("eval", "calibration", "config", "settings", "kind"):
+        if base.get(key) != new.get(key):
+            raise ValueError(f"cannot merge: the runs differ in {key} ({base.get(key)} vs {new.get(key)})")
+    if abs(base["fp_ppl"] - new["fp_ppl"]) > 1e-6 * base["fp_ppl"]:
+        raise ValueError(f"cannot merge: float perplexity {base['fp_ppl']} vs {new['fp_ppl']} (another model?)")
+    ran = {m["name"] for m in new["methods"]}
+    order = list(METHODS)
+    methods = sorted({m["name"]: m for m in base["methods"] + new["methods"]}.values(),
+                     key=lambda m: order.index(m["name"]) if m["name"] in order else len(order))
+    results = {st: {m["name"]: r[m["name"]] for m in methods if m["name"] in (r := {**base["results"].get(st, {}),
+                                                                                    **new["results"].get(st, {})})}
+               for st in new["settings"]}
+    best, goal = goal_check([parse_setting(st) for st in new["settings"]], results, new["fp_ppl"])
+    old = [m["name"] for m in methods if m["name"] not in ran]
+    run = {**new["run"], "merged": f"rows {', '.join(sorted(ran))} from this run; {', '.join(old)} from the run of "
+                                   f"{base['run']['date']} ({base['run']['machine']}; load at its end "
+                                   f"{base['run'].get('load average at the end (1/5/15 min)', '?')})"}
+    return {**new, "methods": methods, "results": results, "best": best, "goal": "; ".join(goal),
+            "best_recipe": {st: best_of_ours(rs) for st, rs in results.items()}, "run": run}
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -225,10 +254,21 @@ def main(argv=None) -> int:
                                                 f"{README_END} (bench-quality-wa markers for a weight-activation run)")
     ap.add_argument("--results-dir", type=Path, default=Path("bench/results"),
                     help="with --readme: where quality-<mode>.{json,md,png} are copied (default: %(default)s)")
+    ap.add_argument("--merge", type=Path, metavar="BASE_JSON",
+                    help="first fill in the rows this run lacks from BASE_JSON, an earlier run of the same settings "
+                         "and windows (e.g. bench/results/quality-quick.json after re-running some methods with "
+                         "--methods), and rewrite the json")
     args = ap.parse_args(argv)
     if not args.json.exists():
         print(f"error: {args.json} does not exist (run python -m bench.quality first)", file=sys.stderr)
         return 2
+    if args.merge:
+        try:
+            merged = merge_runs(json.loads(args.merge.read_text()), json.loads(args.json.read_text()))
+        except (OSError, ValueError) as e:
+            print(f"error: --merge {args.merge}: {e}", file=sys.stderr)
+            return 2
+        write_text_atomic(args.json, json.dumps(merged, indent=2) + "\n")
     if args.readme:
         try:
             written = publish(args.json, args.readme, args.results_dir)

@@ -41,6 +41,7 @@ from omniquant.config import CalibConfig
 from omniquant.errors import UserError
 from omniquant.models.base import Adapter
 from omniquant.quant.clip_init import STAT_WINDOWS, init_clipping, input_second_moments
+from omniquant.quant.norm_gain import attach_norm_gains, bake_norm_gains
 from omniquant.quant.qlinear import QuantLinear, replace_linears, restore_linears
 from omniquant.quant.recipes import resolve_clip_init, resolve_recipe
 from omniquant.quant.spec import WeightQuantSpec
@@ -102,7 +103,9 @@ class RunState:
 
 @torch.no_grad()
 def _fuse(block: nn.Module, qlinears: dict[str, QuantLinear], let, prefix: str, result: CalibResult) -> None:
-    """Fold LET into weights/norms, quantize every linear in place, record its scales/zeros, restore nn.Linear."""
+    """Fold norm gains and LET into weights/norms, quantize every linear in place, record its scales/zeros, restore
+    nn.Linear."""
+    bake_norm_gains(block)
     if let is not None:
         let.fuse()
         delattr(block, LET_ATTR)
@@ -142,7 +145,8 @@ def learns_nothing(cfg: CalibConfig) -> bool:
     weight-only (no activation / KV quantizers). Then a block's quantized weights depend on its own float weights
     only (aug_loss changes a loss that is never minimised), so the calibration windows are not needed and the block
     inputs are neither captured nor streamed through the blocks."""
-    return (_DIRECT_PATH and (cfg.epochs == 0 or (not cfg.lwc and resolve_recipe(cfg.recipe, cfg.wbits).name == "lwc"))
+    return (_DIRECT_PATH and (cfg.epochs == 0 or (not cfg.lwc and resolve_recipe(cfg.recipe, cfg.wbits).name == "lwc"
+                                                  and not cfg.norm_gains))
             and not cfg.let and cfg.abits == 16 and cfg.kv_bits == 16)
 
 
@@ -287,6 +291,8 @@ def _calibrate_blockwise(model, blocks, adapter, windows, cfg, state, resume, ma
             let = make_let(block, qlinears, cfg, i) if make_let is not None else None
             if let is not None:
                 setattr(block, LET_ATTR, let)
+            if cfg.norm_gains:
+                attach_norm_gains(block, adapter)
             block.to(device)  # the quantizers' and LET's new parameters too
             if i >= done:  # (a resumed block gets its learned state below)
                 start_clipping(block, qlinears, cfg, q, kwargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -14,6 +15,7 @@ from omniquant.block_train import AMP_CHOICES, SCHEDULES, matmul_dtype
 from omniquant.blockwise import RunState, calibrate_model, learns_nothing
 from omniquant.config import SUPPORTED_ABITS, CalibConfig
 from omniquant.data import load_tokens, sample_windows
+from omniquant.e2e_scales import check_fits, fp_hidden, refine_checkpoint, tune_scales
 from omniquant.errors import UserError
 from omniquant.hub import resolve_model
 from omniquant.models import get_adapter
@@ -45,6 +47,11 @@ def validate(cfg: CalibConfig) -> None:
     for g in LR_GROUPS.values():
         if getattr(cfg, g.field) is not None and not getattr(cfg, g.field) > 0:
             raise UserError(f"--{g.field.replace('_', '-')} must be positive, got {getattr(cfg, g.field)}")
+    if cfg.e2e_epochs < 0:
+        raise UserError(f"--e2e-epochs must be >= 0, got {cfg.e2e_epochs}")
+    if cfg.e2e_epochs and (cfg.abits < 16 or cfg.kv_bits < 16):
+        raise UserError("--e2e-epochs tunes weight scales of weight-only runs; it does not combine with --abits / "
+                        "--kv-bits below 16")
     if cfg.nsamples % cfg.batch_size:
         raise UserError(f"--nsamples ({cfg.nsamples}) must be a multiple of --batch-size ({cfg.batch_size})")
 
@@ -85,7 +92,7 @@ def _prepare(model_path, cfg: CalibConfig):
         raise UserError(f"--let: the {adapter.name} adapter declares no LET sites")
     torch.manual_seed(cfg.seed)
     tokenizer = windows = None  # RTN / LWC at its init quantizes the weights directly: no calibration text is read
-    if not learns_nothing(cfg):
+    if not learns_nothing(cfg) or cfg.e2e_epochs:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         windows = sample_windows(load_tokens(tokenizer, cfg.calib_data, split="calib"), cfg.nsamples, cfg.seqlen,
                                  cfg.seed, bos=config_window_bos(hf_config))
@@ -137,12 +144,16 @@ def quantize_in_memory(model_path, cfg: CalibConfig, state_dir: Path, resume: bo
     state = RunState(state_dir, cfg, model_path)
     wa = _weight_act(model, adapter, windows, cfg, state.path)
     t0 = time.time()
+    targets = fp_hidden(model, windows) if cfg.e2e_epochs else None  # before the blocks are quantized in place
     result = calibrate_model(model, adapter, windows, cfg, state, resume=resume,
                              make_let=wa and wa.make_let, act_quantizer_factory=wa and wa.act_factory,
                              streams=streams, fp_observer=wa and wa.observe)
     if wa is not None:
         wa.finish()
+    e2e = tune_scales(model, result.qparams, windows, targets, cfg) if cfg.e2e_epochs else None
     quant_config = _quant_config(cfg, hf_config.model_type, model_path, result, time.time() - t0, wa)
+    if e2e is not None:
+        quant_config["calibration"]["e2e"] = e2e
     model.config.use_cache = True
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -180,6 +191,7 @@ def calibrate_checkpoint(model_path, output, *, overwrite: bool = False, resume:
     state_dir = Path(resume) if resume else output.with_name(output.name + ".state")
     model_path, hf_config, adapter, _, windows = _prepare(model_path, cfg)
     ckpt = LazyCheckpoint(model_path)
+    check_fits(sum(math.prod(shape) for _, shape in ckpt.specs.values()), hf_config.get_text_config().hidden_size, cfg)
     linears = [f"{adapter.blocks_path}.{i}.{lin}" for i in range(len(adapter.blocks(ckpt.model)))
                for lin in adapter.linears]
     remove_stale_temps(output)
@@ -215,5 +227,7 @@ def calibrate_checkpoint(model_path, output, *, overwrite: bool = False, resume:
         hf_config.use_cache = True
         hf_config.dtype = ckpt.dominant_dtype(adapter)
         write_metadata(tmp, hf_config, quant_config_entry(quant_config, linears, writer), offsets, model_path)
+        if cfg.e2e_epochs:
+            refine_checkpoint(tmp, model_path, windows, cfg)
     shutil.rmtree(state_dir, ignore_errors=True)
     return output

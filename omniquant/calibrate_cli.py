@@ -62,13 +62,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lr_help = "peak learning rate of the {} in {} (default: budget-aware, {:g} / sqrt(sum of the schedule's factors))"
     for group, what in (("lwc", "LWC clipping logits"), ("round", "rounding offsets (lwc+round)"),
                         ("scale", "Block-AP log-scales"), ("zero", "Block-AP zero points"),
-                        ("weight", "Block-AP weights")):
+                        ("weight", "Block-AP weights"), ("norm", "Block-AP norm gains"),
+                        ("e2e", "end-to-end scale factors (--e2e-epochs)")):
         g = LR_GROUPS[group]
         names = [f"--{group}-lr"] + (["--lwc_lr"] if group == "lwc" else [])  # the official spelling too
         p.add_argument(*names, type=float, default=getattr(D, g.field), help=lr_help.format(what, g.unit, g.rate))
     p.add_argument("--let-lr", "--let_lr", type=float, default=D.let_lr, help="peak learning rate of LET's scales and shifts")
     p.add_argument("--lr-schedule", default=D.lr_schedule, choices=SCHEDULES,
                    help="learning-rate decay over each block's steps: linear / cosine to 0, or constant")
+    p.add_argument("--norm-gains", action=argparse.BooleanOptionalAction, default=D.norm_gains,
+                   help="also learn a per-channel gain on the norms that feed quantized linears, folded into the norm "
+                        "weights at export (Block-AP trains the norms too); measured within W2's seed-to-seed noise "
+                        "(bench/README.md, \"Norm gains\"), so off by default")
+    p.add_argument("--e2e-epochs", type=int, default=D.e2e_epochs,
+                   help="after the block loop, passes over the calibration windows that train every group scale so "
+                        "the whole model's next-token distribution matches the float model's (KL), codes and zeros "
+                        "fixed (EfficientQAT's E2E-QP; exact "
+                        "export kept). Holds the whole model in float32 in memory: small models. Each pass costs "
+                        "about as much as one block-loop epoch (default: %(default)s)")
     p.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=D.keep_best,
                    help="keep the parameters of the lowest step loss (AutoRound's rule) instead of those after the "
                         "last step (default: off; at one window per step the lowest loss mostly marks the easiest "

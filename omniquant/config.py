@@ -17,6 +17,7 @@ class CalibConfig:
     lwc: bool = True
     let: bool = False
     recipe: str = "lwc"  # what is learned per quantized linear: lwc, lwc+round, blockap, best (quant/recipes.py)
+    norm_gains: bool = False  # the block's pre-linear norms also learn a per-channel gain (quant/norm_gain.py)
     clip_init: str = "auto"  # where learned clipping starts: act / mse (per-group error search, input-weighted or
     #                          not), minmax, or auto (the recipe's own: quant/recipes.py, quant/clip_init.py)
     epochs: int = 20
@@ -30,7 +31,11 @@ class CalibConfig:
     scale_lr: float | None = None
     zero_lr: float | None = None
     weight_lr: float | None = None
+    norm_lr: float | None = None
+    e2e_lr: float | None = None
     let_lr: float = 5e-3
+    # passes of end-to-end scale tuning over the calibration windows after the block loop (omniquant/e2e_scales.py)
+    e2e_epochs: int = 0
     lr_schedule: str = "linear"  # linear / cosine decay to 0 over the block's steps, or constant
     # keep the parameters of the lowest step loss (AutoRound's rule) instead of those after the last step; off by
     # default: one-window step losses rank windows more than parameters (bench/README.md, "Tuning")

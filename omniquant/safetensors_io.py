@@ -125,6 +125,24 @@ class SafetensorsDir:
         return sorted(out.items())
 
 
+def overwrite_tensor(path: Path, name: str, tensor: torch.Tensor) -> None:
+    """Write `tensor` over the stored data of `name` in the safetensors file `path`, in place (same dtype and shape:
+    the header and every other tensor stay as they are)."""
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        entry = json.loads(f.read(n)).get(name)
+        if entry is None:
+            raise KeyError(f"{name} is not in {path}")
+        if entry["dtype"] != NAMES[tensor.dtype] or entry["shape"] != list(tensor.shape):
+            raise ValueError(f"{name} in {path} is {entry['dtype']}{entry['shape']}, "
+                             f"not {NAMES[tensor.dtype]}{list(tensor.shape)}")
+        start, end = entry["data_offsets"]
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        assert len(data) == end - start
+        f.seek(8 + n + start)
+        f.write(data)
+
+
 class _PlannedFile:
     """One safetensors file with its header written and its data area reserved; tensors are written into slots."""
 

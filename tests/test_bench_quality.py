@@ -272,6 +272,11 @@ def test_quick_budget_is_the_same_for_every_method_and_recipes_are_forwarded(tmp
         c = cmd(name, QUICK)
         assert c[c.index("--recipe") + 1] == recipe and c[c.index("--batch-size") + 1] == str(QUICK.batch_size)
         assert c[c.index("--epochs") + 1] == str(QUICK.epochs) and "--lwc-lr" not in c
+    # e2e rows: within the budget the e2e epoch replaces a block-loop epoch (32 window-passes), the "more" row adds it
+    for name, epochs in (("omniquant-blockap-e2e", QUICK.epochs - 1), ("omniquant-blockap-e2e-more", QUICK.epochs)):
+        c = cmd(name, QUICK)
+        assert c[c.index("--e2e-epochs") + 1] == "1" and c[c.index("--epochs") + 1] == str(epochs), name
+    assert "--e2e-epochs" not in cmd("omniquant-blockap", QUICK)
     c = cmd("omniquant", dataclasses.replace(QUICK, lwc_lr=0.3))
     assert float(c[c.index("--lwc-lr") + 1]) == 0.3
     assert "--lwc-lr" not in cmd("rtn", QUICK) and "--epochs" not in cmd("omniquant-small", QUICK)
@@ -296,6 +301,33 @@ def test_goal_check_names_the_best_recipe_against_fully_quantized_peers():
     assert goal[3].endswith("w3g128 met (omniquant-blockap 150 s vs AutoRound 200 s), "
                             "w2g128 NOT met (omniquant-round 250 s vs AutoRound 200 s)")
     assert "w3g128: met (54%: RTN 85.00 -> 50.00, FP 20.00)" in goal[4]
+
+    # a row with a larger budget is never the best of ours nor bold, and is named beside the W2 goal
+    results["w2g128"]["omniquant-blockap-e2e-more"] = r(39.0, t=300)
+    best, goal = goal_check([parse_setting("w3g128"), parse_setting("w2g128")], results, fp_ppl=20.0)
+    assert best["w2g128"] == 55.0 and goal[1] == "w2g128: NOT met (autoround 55.00 <= omniquant-round 60.00)"
+    assert goal[2].endswith("; with a larger budget met (omniquant-blockap-e2e-more 39.00 = 1.95 x FP)")
+
+
+def test_merge_fills_in_the_rows_a_partial_run_lacks():
+    from bench.report import merge_runs
+
+    base = {**_fake_results(), "calibration": {"seed": 0}, "config": {"epochs": 2}, "kind": "weight-only",
+            "run": {"date": "yesterday", "machine": "M1"}}
+    new = {**base, "methods": [{"name": "omniquant-blockap", "label": "blockap"}],
+           "results": {"w4g128": {"omniquant-blockap": {"ppl": 28.0, "n_skipped": 0, "n_linears": 210}}},
+           "run": {"date": "today", "machine": "M2"}}
+    m = merge_runs(base, new)
+    from bench.methods import METHODS
+
+    names = [x["name"] for x in m["methods"]]
+    assert names == sorted(["rtn", "omniquant", "omniquant-blockap", "hqq"], key=list(METHODS).index)
+    assert m["results"]["w4g128"]["omniquant-blockap"]["ppl"] == 28.0 and m["results"]["w4g128"]["rtn"]["ppl"] == 31.0
+    assert m["results"]["w3g128"]["hqq"]["ppl"] == 44.0 and m["best"] == {"w4g128": 28.0, "w3g128": 44.0}
+    old = ", ".join(n for n in names if n != "omniquant-blockap")
+    assert m["run"]["date"] == "today" and f"{old} from the run of yesterday (M1" in m["run"]["merged"]
+    with pytest.raises(ValueError, match="differ in config"):
+        merge_runs(base, {**new, "config": {"epochs": 3}})
 
 
 # A stand-in method script: the real contract (bench/peers/common.py), a perturbed copy of one linear, a sleep so

@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     row = {"tag": args.tag, "val_ppl": ppl, "calib_s": qc["calibration"]["wall_time_s"], "total_s": wall,
            "load": os.getloadavg()[0], "cfg": {k: v for k, v in cfg.to_dict().items()
                                                if k not in ("calib_data", "act_stats", "device")},
-           "lr": logs[0].get("lr"), "nan_blocks": qc["calibration"]["nan_blocks"],
+           "lr": logs[0].get("lr"), "e2e": qc["calibration"].get("e2e"), "nan_blocks": qc["calibration"]["nan_blocks"],
            "best_steps": [b.get("best", {}).get("step") for b in logs],
            "final_loss": [b["epoch_loss"][-1] if b["epoch_loss"] else None for b in logs]}
     args.out.parent.mkdir(parents=True, exist_ok=True)

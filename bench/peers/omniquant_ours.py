@@ -38,6 +38,9 @@ def _extra(ap):
     ap.add_argument("--recipe", default="lwc")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=1, help="calibration windows per optimizer step")
+    ap.add_argument("--e2e-epochs", type=int, default=0,
+                    help="end-to-end scale tuning passes after the block loop (each pass: one more window-pass per "
+                         "window through every block)")
     ap.add_argument("--lwc-lr", type=float, default=None, help="peak LWC learning rate (default: budget-aware)")
     ap.add_argument("--cli-defaults", action="store_true",
                     help="omniquant calibrate's defaults at the small budget 2 epochs x 16 x 256 (own windows)")
@@ -60,7 +63,7 @@ def main() -> None:
     if not torch.equal(ours, windows):
         sys.exit("calibrate_checkpoint would draw different calibration windows than the shared file")
     settings = {"recipe": args.recipe, "epochs": args.epochs, "batch_size": args.batch_size, "lwc_lr": args.lwc_lr,
-                "nsamples": n, "seqlen": seqlen, "seed": args.seed}
+                "e2e_epochs": args.e2e_epochs, "nsamples": n, "seqlen": seqlen, "seed": args.seed}
     if args.cli_defaults:  # only what a new user types: everything else (seed, batch size, rates) is the default
         settings = {"recipe": args.recipe, "epochs": 2, "nsamples": 16, "seqlen": 256}
     base = load_model(args.model)

@@ -25,6 +25,7 @@ from omniquant.errors import UserError
 from omniquant.quant.blockap import BlockAPQuantizer
 from omniquant.quant.fakequant import GroupQuantizer
 from omniquant.quant.lwc import LWCQuantizer
+from omniquant.quant.norm_gain import NormGain
 from omniquant.quant.rounding import RoundingQuantizer
 from omniquant.quant.spec import WeightQuantSpec
 
@@ -47,6 +48,9 @@ LR_GROUPS: dict[str, LRGroup] = {
     "scale": LRGroup("scale_lr", "log-scale units (0.1: a 10 % larger step)", rate=0.02),
     "zero": LRGroup("zero_lr", "codes", rate=0.02),
     "weight": LRGroup("weight_lr", "quantization steps", rate=0.04),
+    # end-to-end scale factors (--e2e-epochs, omniquant/e2e_scales.py): 0.005 at 16 linear-decay steps
+    "e2e": LRGroup("e2e_lr", "log-scale units", rate=0.015),
+    "norm": LRGroup("norm_lr", "log-gain units (0.1: a 10 % larger norm weight)", rate=0.02),
     # LET scales are absolute per-channel factors: the paper's rate, not scaled with the step count
     "let": LRGroup("let_lr", "LET scale / shift", default_lr=5e-3),
 }
@@ -101,7 +105,7 @@ def lr_group(param_name: str) -> str:
     """The LR group of a learnable parameter of a block (by its last name component), e.g. 'lwc' for
     'self_attn.q_proj.wquant.upbound_factor'; 'let' for the LET module's parameters (handled by the caller)."""
     leaf = param_name.rsplit(".", 1)[-1]
-    for q in (r.quantizer for r in RECIPES.values()):
+    for q in (*(r.quantizer for r in RECIPES.values()), NormGain):
         if leaf in q.LR_GROUPS:
             return q.LR_GROUPS[leaf]
     raise KeyError(f"learnable parameter {param_name} belongs to no learning-rate group")

@@ -1,0 +1,159 @@
+"""End-to-end scale tuning (--e2e-epochs, omniquant/e2e_scales.py): codes and zeros stay, only fp16 scales move, the
+whole model's KL divergence from the float model drops, the checkpoint packs bit-exactly, the lazy path equals the in-memory one, a
+non-finite loss keeps the last finite scales, and runs that cannot work are refused up front. Tiny models only."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import omniquant.e2e_scales as e2e
+from omniquant.errors import UserError
+from omniquant.quant.codes import recompute_codes
+
+RUN = {"wbits": 2, "group_size": 64, "nsamples": 4, "seqlen": 64, "epochs": 1, "recipe": "blockap", "seed": 0}
+_CKPTS: dict = {}
+
+
+@pytest.fixture
+def ckpt(trained_llama_dir, calib_text, tmp_path_factory):
+    """calibrate_checkpoint of the trained tiny Llama, W2 g64 blockap, with `e2e_epochs` passes; cached."""
+    from omniquant.calibrate import calibrate_checkpoint
+
+    def make(e2e_epochs: int):
+        if e2e_epochs not in _CKPTS:
+            out = tmp_path_factory.mktemp("e2e") / f"e{e2e_epochs}"
+            _CKPTS[e2e_epochs] = calibrate_checkpoint(trained_llama_dir, out, calib_data=calib_text,
+                                                      e2e_epochs=e2e_epochs, **RUN)
+        return _CKPTS[e2e_epochs]
+
+    return make
+
+
+def _logprobs(model_dir, calib_text) -> torch.Tensor:
+    """float64 log-probabilities [n, L, V] of a checkpoint on the run's own calibration windows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from omniquant.data import load_tokens, sample_windows
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).double().eval()
+    ids = sample_windows(load_tokens(AutoTokenizer.from_pretrained(model_dir), calib_text, split="calib"),
+                         RUN["nsamples"], RUN["seqlen"], RUN["seed"])
+    with torch.no_grad():
+        return torch.log_softmax(model(ids).logits, dim=-1)
+
+
+def _kl_to_float(fp: torch.Tensor, q: torch.Tensor) -> float:
+    """Mean over tokens of KL(p_fp || p_q), float64."""
+    return float((fp.exp() * (fp - q)).sum(-1).mean())
+
+
+def _sidecar(d):
+    return load_file(str(d / "quant_params.safetensors")), load_file(str(d / "model.safetensors"))
+
+
+def test_only_scales_move_and_the_distance_to_the_float_model_drops(ckpt, trained_llama_dir, calib_text):
+    base, tuned = ckpt(0), ckpt(2)
+    (s0, w0), (s1, w1) = _sidecar(base), _sidecar(tuned)
+    qc = json.loads((tuned / "quant_config.json").read_text())
+    log = qc["calibration"]["e2e"]
+    assert log["steps"] == 2 * RUN["nsamples"] and log["nan"] is None and len(log["epoch_loss"]) == 2
+    moved = 0
+    for name in qc["quantized_linears"]:
+        assert torch.equal(s0[f"{name}.zeros"], s1[f"{name}.zeros"]), name
+        scales = s1[f"{name}.scales"]
+        assert torch.equal(scales.half().float(), scales), name  # fp16-exact
+        c0 = recompute_codes(w0[f"{name}.weight"], s0[f"{name}.scales"], s0[f"{name}.zeros"], 2, 64)
+        c1 = recompute_codes(w1[f"{name}.weight"], scales, s1[f"{name}.zeros"], 2, 64)
+        assert torch.equal(c0, c1), name  # the block loop's codes, untouched
+        moved += int((scales != s0[f"{name}.scales"]).sum())
+    assert moved > 0
+    fp = _logprobs(trained_llama_dir, calib_text)
+    assert _kl_to_float(fp, _logprobs(tuned, calib_text)) < _kl_to_float(fp, _logprobs(base, calib_text))
+
+
+def test_tuned_checkpoint_packs_and_unpacks_bit_exactly(ckpt, tmp_path):
+    from mlc_schemes import load_packed, pack_checkpoint
+    from mlc_schemes.unpack import dequantized_state_dict
+
+    fq = ckpt(2)
+    cfg, params = load_packed(pack_checkpoint(fq, "w2a16g64asym", tmp_path / "packed", progress=False))
+    state, ref = dequantized_state_dict(cfg, params), load_file(str(fq / "model.safetensors"))
+    for name in json.loads((fq / "quant_config.json").read_text())["quantized_linears"]:
+        np.testing.assert_array_equal(state[f"{name}.weight"].view(np.uint32),
+                                      ref[f"{name}.weight"].numpy().view(np.uint32), err_msg=name)
+
+
+def test_lazy_path_equals_in_memory(ckpt, trained_llama_dir, calib_text, tmp_path):
+    from omniquant.calibrate import quantize_in_memory
+    from omniquant.config import CalibConfig
+
+    model, _, qc, qparams = quantize_in_memory(trained_llama_dir, CalibConfig(calib_data=calib_text, e2e_epochs=2,
+                                                                               **RUN), tmp_path / "state")
+    side, weights = _sidecar(ckpt(2))
+    assert qc["calibration"]["e2e"] == json.loads((ckpt(2) / "quant_config.json").read_text())["calibration"]["e2e"]
+    for name, (scales, _) in qparams.items():
+        assert torch.equal(side[f"{name}.scales"], scales), name
+        assert torch.equal(weights[f"{name}.weight"], model.get_submodule(name).weight.detach()), name
+
+
+@pytest.mark.parametrize("bad_step", [0, 2])
+def test_non_finite_loss_keeps_the_last_finite_scales(bad_step, ckpt, trained_llama_dir, calib_text, tmp_path,
+                                                      monkeypatch):
+    """A NaN loss at the first step leaves the block loop's scales bit for bit; later, finite scales that differ."""
+    from omniquant.calibrate import calibrate_checkpoint
+
+    real, calls = e2e._loss, []
+
+    def loss(*args):
+        calls.append(1)
+        out = real(*args)
+        return out * float("nan") if len(calls) == bad_step + 1 else out
+
+    monkeypatch.setattr(e2e, "_loss", loss)
+    out = calibrate_checkpoint(trained_llama_dir, tmp_path / "o", calib_data=calib_text, e2e_epochs=2, **RUN)
+    assert json.loads((out / "quant_config.json").read_text())["calibration"]["e2e"]["nan"] == bad_step
+    (s, _), (s0, _) = _sidecar(out), _sidecar(ckpt(0))
+    assert all(torch.isfinite(v).all() for v in s.values())
+    same = all(torch.equal(s[k], s0[k]) for k in s)
+    assert same == (bad_step == 0)
+
+
+def test_runs_that_cannot_work_are_refused_up_front(tiny_llama_dir, calib_text, tmp_path, monkeypatch):
+    from omniquant.calibrate import calibrate_checkpoint
+
+    with pytest.raises(UserError, match="--e2e-epochs must be >= 0"):
+        calibrate_checkpoint(tiny_llama_dir, tmp_path / "o", calib_data=calib_text, **{**RUN, "e2e_epochs": -1})
+    with pytest.raises(UserError, match="weight-only"):
+        calibrate_checkpoint(tiny_llama_dir, tmp_path / "o", calib_data=calib_text, e2e_epochs=1, abits=8,
+                             **{**RUN, "group_size": -1})
+    monkeypatch.setattr(e2e, "_available_bytes", lambda: 1 << 20)
+    with pytest.raises(UserError, match=r"needs about .* GiB of memory.*--e2e-epochs 0"):
+        calibrate_checkpoint(tiny_llama_dir, tmp_path / "o", calib_data=calib_text, e2e_epochs=1, **RUN)
+    assert not (tmp_path / "o").exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen3_dir", "tiny_gemma3_dir", "tiny_opt_dir"])
+def test_other_architectures_keep_their_codes(fixture, request, calib_text, tmp_path):
+    """Qwen3 (q/k norms), multimodal Gemma 3 (BOS-first windows, nested language model) and OPT: the stage runs on
+    the reloaded checkpoint and leaves every code as the block loop wrote it."""
+    from omniquant.calibrate import calibrate_checkpoint
+
+    model_dir = request.getfixturevalue(fixture)
+    run = {**RUN, "wbits": 3, "group_size": 32, "nsamples": 2, "seqlen": 32}
+    base = calibrate_checkpoint(model_dir, tmp_path / "b", calib_data=calib_text, **run)
+    tuned = calibrate_checkpoint(model_dir, tmp_path / "t", calib_data=calib_text, e2e_epochs=1, **run)
+    (s0, w0), (s1, w1) = _sidecar(base), _sidecar(tuned)
+    qc = json.loads((tuned / "quant_config.json").read_text())
+    assert qc["calibration"]["e2e"]["steps"] == 2
+    moved = 0
+    for name in qc["quantized_linears"]:
+        c0 = recompute_codes(w0[f"{name}.weight"], s0[f"{name}.scales"], s0[f"{name}.zeros"], 3, 32)
+        c1 = recompute_codes(w1[f"{name}.weight"], s1[f"{name}.scales"], s1[f"{name}.zeros"], 3, 32)
+        assert torch.equal(c0, c1), name
+        moved += int((s0[f"{name}.scales"] != s1[f"{name}.scales"]).sum())
+    assert moved > 0
