@@ -77,8 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--e2e-epochs", type=int, default=D.e2e_epochs,
                    help="after the block loop, passes over the calibration windows that train every group scale so "
                         "the whole model's next-token distribution matches the float model's (KL), codes and zeros "
-                        "fixed (EfficientQAT's E2E-QP; exact "
-                        "export kept). Holds the whole model in float32 in memory: small models. Each pass costs "
+                        "fixed (EfficientQAT's E2E-QP; exact export kept). Holds the whole model in float32 in memory: small models. Each pass costs "
                         "about as much as one block-loop epoch (default: %(default)s)")
     p.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=D.keep_best,
                    help="keep the parameters of the lowest step loss (AutoRound's rule) instead of those after the "

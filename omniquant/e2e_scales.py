@@ -36,6 +36,7 @@ from omniquant.config import CalibConfig
 from omniquant.errors import UserError
 from omniquant.quant.codes import recompute_codes, stored_weight
 from omniquant.quant.spec import from_groups, to_groups
+from omniquant.streams import memory_budget
 
 
 class GroupScaleDequant(nn.Module):
@@ -90,8 +91,8 @@ def tune_scales(model: nn.Module, qparams: dict[str, tuple[torch.Tensor, torch.T
     """Train the group scales of the quantized linears named in `qparams` {name: (scales [N, G], zeros [N, G])}
     end to end (module docstring) for cfg.e2e_epochs passes over windows [n, L] with the float model's hidden states
     targets [n, L, H] (`fp_hidden`); the model's weights and qparams' scales are updated in place, every other
-    parameter stays as it is. codes: {name: int codes [N, K]} where the
-    weights cannot give them back (default: recomputed from each weight). Returns a log: lr, loss per epoch, steps,
+    parameter stays as it is. codes: {name: int codes [N, K]} where the caller has them (default: recomputed from
+    each weight). Returns a log: lr, loss per epoch, steps,
     the step of a non-finite loss (None)."""
     device = next(model.parameters()).device
     model.requires_grad_(False)
@@ -151,24 +152,13 @@ def tune_scales(model: nn.Module, qparams: dict[str, tuple[torch.Tensor, torch.T
     return log
 
 
-def _available_bytes() -> int:
-    """MemAvailable of /proc/meminfo (Linux); a large number where it cannot be read."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62
-
-
 def check_fits(n_params: int, hidden: int, cfg: CalibConfig) -> None:
     """UserError, before any calibration, when --e2e-epochs would hold more than this machine has: the model in
     float32 (4 bytes a parameter) plus codes and gradients (about 2 more) and the float model's hidden states
-    (float32 [nsamples, seqlen, hidden]), on CPU against MemAvailable."""
+    (float32 [nsamples, seqlen, hidden]), on CPU against the available RAM."""
     if not cfg.e2e_epochs or cfg.device != "cpu":
         return
-    need, have = 6 * n_params + 4 * cfg.nsamples * cfg.seqlen * hidden, _available_bytes()
+    need, have = 6 * n_params + 4 * cfg.nsamples * cfg.seqlen * hidden, memory_budget(torch.device("cpu"))[1]
     if need > have:
         raise UserError(f"--e2e-epochs {cfg.e2e_epochs} trains the whole model at once and needs about "
                         f"{need / 2**30:.1f} GiB of memory (float32 weights, codes, gradients, the float model's "
@@ -178,8 +168,9 @@ def check_fits(n_params: int, hidden: int, cfg: CalibConfig) -> None:
 
 def refine_checkpoint(directory: Path, source: Path, windows: torch.Tensor, cfg: CalibConfig) -> dict:
     """Tune the scales of the fake-quant checkpoint in `directory` (written by the block loop from the float model
-    `source`, not yet renamed into place) and overwrite its quantized weights and sidecar scales in place (same names, dtypes, shapes); the log
-    goes into quant_config.json under calibration.e2e. Returns the log."""
+    `source`, not yet renamed into place) and overwrite its quantized weights and sidecar scales in place (same
+    names, dtypes, shapes); the log goes into quant_config.json under calibration.e2e and the stage's time is added
+    to calibration.wall_time_s. Returns the log."""
     from transformers import AutoModelForCausalLM
 
     from omniquant.export import SIDECAR_STEM
@@ -190,23 +181,22 @@ def refine_checkpoint(directory: Path, source: Path, windows: torch.Tensor, cfg:
     qc = json.loads(qc_path.read_text())
     stored, side = SafetensorsDir(directory), SafetensorsDir(directory, stem=SIDECAR_STEM)
     linears = qc["quantized_linears"]
+    gs = {n: stored.shape(f"{n}.weight")[1] if cfg.group_size == -1 else cfg.group_size for n in linears}
     qparams = {n: (side.get(f"{n}.scales"), side.get(f"{n}.zeros")) for n in linears}
-    codes = {n: side.get(f"{n}.codes").int() for n in linears if f"{n}.codes" in side}
     fp = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(cfg.device).eval()
     targets = fp_hidden(fp, windows)
     del fp
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).to(cfg.device).eval()
+    # the block loop's codes, once (uint8: one byte a weight): from the sidecar where it keeps them, else from the
+    # stored weights
+    codes = {n: (side.get(f"{n}.codes") if f"{n}.codes" in side else recompute_codes(
+        model.get_submodule(n).weight.detach().cpu(), *qparams[n], cfg.wbits, gs[n], cfg.symmetric)).to(torch.uint8)
+        for n in linears}
     log = tune_scales(model, qparams, windows, targets, cfg, codes)
     for name in linears:
-        w_name = f"{name}.weight"
-        scales, zeros = qparams[name]
-        gs = stored.shape(w_name)[1] if cfg.group_size == -1 else cfg.group_size
-        q = codes.get(name)
-        if q is None:
-            q = recompute_codes(model.get_submodule(name).weight.detach().cpu(), scales, zeros, cfg.wbits, gs,
-                                cfg.symmetric)
+        w_name, (scales, zeros) = f"{name}.weight", qparams[name]
         overwrite_tensor(directory / stored.file_of[w_name], w_name,
-                         stored_weight(q, scales, zeros, gs, stored.dtype(w_name)))
+                         stored_weight(codes[name], scales, zeros, gs[name], stored.dtype(w_name)))
         overwrite_tensor(directory / side.file_of[f"{name}.scales"], f"{name}.scales",
                          scales.to(side.dtype(f"{name}.scales")))
     qc["calibration"]["e2e"] = log

@@ -77,7 +77,7 @@ class HostStream:
         self._data = None
 
 
-def _budget(device: torch.device) -> tuple[int, int]:
+def memory_budget(device: torch.device) -> tuple[int, int]:
     """(free bytes on the device, available CPU RAM in bytes)."""
     import psutil
 
@@ -98,7 +98,7 @@ class StreamFactory:
         self.shape, self.device, self.scratch = tuple(shape), torch.device(device), scratch
         need = count * shape[0] * shape[1] * shape[2] * 4
         if placement == "auto":
-            dev_free, ram = _budget(self.device)
+            dev_free, ram = memory_budget(self.device)
             share = 3 if self.device.type == "cuda" else 2
             if need * share <= dev_free:
                 placement = "device"

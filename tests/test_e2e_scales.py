@@ -131,7 +131,7 @@ def test_runs_that_cannot_work_are_refused_up_front(tiny_llama_dir, calib_text, 
     with pytest.raises(UserError, match="weight-only"):
         calibrate_checkpoint(tiny_llama_dir, tmp_path / "o", calib_data=calib_text, e2e_epochs=1, abits=8,
                              **{**RUN, "group_size": -1})
-    monkeypatch.setattr(e2e, "_available_bytes", lambda: 1 << 20)
+    monkeypatch.setattr(e2e, "memory_budget", lambda device: (1 << 20, 1 << 20))
     with pytest.raises(UserError, match=r"needs about .* GiB of memory.*--e2e-epochs 0"):
         calibrate_checkpoint(tiny_llama_dir, tmp_path / "o", calib_data=calib_text, e2e_epochs=1, **RUN)
     assert not (tmp_path / "o").exists() and not list(tmp_path.iterdir())
