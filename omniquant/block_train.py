@@ -16,9 +16,12 @@ block's training and restores the last finite parameters (the best finite ones w
 in the log. Optimizer state lives and dies with the block.
 
 Mixed precision (`amp`, resolve_amp): the forward and backward matmuls of a step run in bfloat16 under autocast, as
-AutoRound's CPU default does; the fake-quantizers, the loss, the optimizer state and the streams stay float32, so
-the export is exact either way. On a CPU with native bf16 dot products a step takes about half the time (SmolLM2
-block at W3g128, Zen 5, 1 thread: 0.17-0.20 -> 0.09-0.12 s); validation perplexity in bench/README.md "Mixed precision on CPU".
+AutoRound's CPU default does, and so do the block forwards that advance the fp and q streams (blockwise._run_stream:
+the targets are then the float block computed with bfloat16 matmuls, as AutoRound's bfloat16 model computes its
+own); the fake-quantizers, the loss, the optimizer state and the stored streams stay float32, so the export is
+exact either way. On a CPU with native bf16 dot products a step takes about half the time (SmolLM2 block at
+W3g128, Zen 5, 1 thread: 0.17-0.20 -> 0.09-0.12 s); validation perplexity in bench/README.md "Mixed precision on
+CPU" and "Calibration time".
 """
 
 from __future__ import annotations

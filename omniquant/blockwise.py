@@ -35,7 +35,13 @@ from torch import nn
 from tqdm import tqdm
 
 from omniquant.atomic import atomic_write
-from omniquant.block_train import LET_ATTR, learned_state, set_learned, train_block
+from omniquant.block_train import (
+    LET_ATTR,
+    learned_state,
+    resolve_amp,
+    set_learned,
+    train_block,
+)
 from omniquant.capture import block_forward, capture_block_inputs
 from omniquant.config import CalibConfig
 from omniquant.errors import UserError
@@ -50,10 +56,13 @@ from omniquant.streams import StreamFactory
 
 @dataclass
 class CalibResult:
-    """Per quantized linear (full module name): (scales float32 [N, G], zeros int32 [N, G]); per block a log."""
+    """Per quantized linear (full module name): (scales float32 [N, G], zeros int32 [N, G]); per block a log;
+    with --e2e-epochs the last block's full-precision output float32 [n, L, H] on the CPU (the end of the fp
+    stream: the float model's hidden states before its final norm, the e2e stage's targets)."""
 
     qparams: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     block_log: list[dict] = field(default_factory=list)
+    fp_out: torch.Tensor | None = None
 
 
 class RunState:
@@ -119,11 +128,13 @@ def _fuse(block: nn.Module, qlinears: dict[str, QuantLinear], let, prefix: str, 
 
 
 @torch.no_grad()
-def _run_stream(block, stream, kwargs, out=None) -> None:
-    """out[j] = F(stream[j]) window by window (batch 1); in place when `out` is None (windows are independent)."""
+def _run_stream(block, stream, kwargs, amp: bool, out=None) -> None:
+    """out[j] = F(stream[j]) window by window (batch 1); in place when `out` is None (windows are independent).
+    amp: the matmuls run in bfloat16 as the training steps' do (block_train.resolve_amp); the stream stays float32."""
     out = stream if out is None else out
-    for j in range(stream.shape[0]):
-        out[j : j + 1] = block_forward(block, stream[j : j + 1], kwargs).float()
+    with torch.autocast(stream.device.type, dtype=torch.bfloat16, enabled=amp):
+        for j in range(stream.shape[0]):
+            out[j : j + 1] = block_forward(block, stream[j : j + 1], kwargs).float()
 
 
 def _to(v, device):
@@ -142,12 +153,13 @@ _DIRECT_PATH = True
 def learns_nothing(cfg: CalibConfig) -> bool:
     """True when calibration has nothing to learn or to apply besides the weight quantizer at its init: no training
     (epochs 0, or recipe lwc with --no-lwc; every recipe starts at LWC's init or round-to-nearest), no LET,
-    weight-only (no activation / KV quantizers). Then a block's quantized weights depend on its own float weights
-    only (aug_loss changes a loss that is never minimised), so the calibration windows are not needed and the block
-    inputs are neither captured nor streamed through the blocks."""
+    weight-only (no activation / KV quantizers), no end-to-end stage (--e2e-epochs takes its targets from the end of
+    the block loop's fp stream). Then a block's quantized weights depend on its own float weights only (aug_loss
+    changes a loss that is never minimised), so the calibration windows are not needed and the block inputs are
+    neither captured nor streamed through the blocks."""
     return (_DIRECT_PATH and (cfg.epochs == 0 or (not cfg.lwc and resolve_recipe(cfg.recipe, cfg.wbits).name == "lwc"
                                                   and not cfg.norm_gains))
-            and not cfg.let and cfg.abits == 16 and cfg.kv_bits == 16)
+            and not cfg.let and cfg.abits == 16 and cfg.kv_bits == 16 and not cfg.e2e_epochs)
 
 
 def _quant_linears(block: nn.Module, adapter: Adapter, spec: WeightQuantSpec, cfg: CalibConfig,
@@ -164,7 +176,7 @@ def _quant_linears(block: nn.Module, adapter: Adapter, spec: WeightQuantSpec, cf
 
 
 def start_clipping(block: nn.Module, qlinears: dict[str, QuantLinear], cfg: CalibConfig, inputs=None,
-                   kwargs=None) -> None:
+                   kwargs=None, amp: bool = False) -> None:
     """Start every learned clipping of the block at `resolve_clip_init(cfg)` (quant/clip_init.py); `act` weighs
     the search by the linears' input second moments over the first STAT_WINDOWS windows of `inputs` (the block's
     calibration input [n, L, H], on the block's device). This start is what `learns_nothing` quantizes with."""
@@ -174,8 +186,9 @@ def start_clipping(block: nn.Module, qlinears: dict[str, QuantLinear], cfg: Cali
     moments = {}
     if kind == "act":
         n = min(STAT_WINDOWS, inputs.shape[0])
-        moments = input_second_moments(
-            qlinears, lambda: [block_forward(block, inputs[j : j + 1], kwargs) for j in range(n)])
+        with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=amp):
+            moments = input_second_moments(
+                qlinears, lambda: [block_forward(block, inputs[j : j + 1], kwargs) for j in range(n)])
     for name, q in qlinears.items():
         init_clipping(q.wquant, q.weight, kind, moments.get(name))
 
@@ -267,6 +280,7 @@ def _calibrate_blockwise(model, blocks, adapter, windows, cfg, state, resume, ma
     Streams (float32 [n, L, H]): `fp` holds X_fp and, after block i's full-precision pass, its target F_i(X_fp);
     `q` holds X_q and is advanced in place after block i is quantized; `aug` (aug_loss only) holds F_i(X_q)."""
     device = torch.device(cfg.device)
+    amp = resolve_amp(cfg, device)
     spec = WeightQuantSpec(cfg.wbits, cfg.group_size, cfg.symmetric)
     done = state.open(resume)
     shape = (windows.shape[0], windows.shape[1], model.config.get_text_config().hidden_size)
@@ -284,9 +298,9 @@ def _calibrate_blockwise(model, blocks, adapter, windows, cfg, state, resume, ma
             kwargs = {k: _to(v, device) for k, v in block_kwargs[i].items()}
             prefix = f"{adapter.blocks_path}.{i}"
             with fp_observer(block, i) if fp_observer is not None else contextlib.nullcontext():
-                _run_stream(block, fp, kwargs)  # fp now holds the target F_i(X_fp), and the next block's input
+                _run_stream(block, fp, kwargs, amp)  # fp now holds the target F_i(X_fp), the next block's input
             if aug is not None:
-                _run_stream(block, q, kwargs, out=aug)
+                _run_stream(block, q, kwargs, amp, out=aug)
             qlinears = _quant_linears(block, adapter, spec, cfg, act_quantizer_factory)
             let = make_let(block, qlinears, cfg, i) if make_let is not None else None
             if let is not None:
@@ -295,7 +309,7 @@ def _calibrate_blockwise(model, blocks, adapter, windows, cfg, state, resume, ma
                 attach_norm_gains(block, adapter)
             block.to(device)  # the quantizers' and LET's new parameters too
             if i >= done:  # (a resumed block gets its learned state below)
-                start_clipping(block, qlinears, cfg, q, kwargs)
+                start_clipping(block, qlinears, cfg, q, kwargs, amp)
             if i < done:
                 learned, log = state.load_block(i)
                 set_learned(block, learned)
@@ -306,10 +320,12 @@ def _calibrate_blockwise(model, blocks, adapter, windows, cfg, state, resume, ma
             _fuse(block, qlinears, let, prefix, result)
             log = {"block": i, **log}
             result.block_log.append(log)
-            _run_stream(block, q, kwargs)
+            _run_stream(block, q, kwargs, amp)
             blocks.finish(i, block, result)
             del block, kwargs
             _kill_hook(i)
+        if cfg.e2e_epochs:
+            result.fp_out = fp[0 : shape[0]].to("cpu", copy=True)
         return result
     finally:
         factory.close()

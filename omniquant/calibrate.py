@@ -13,9 +13,10 @@ import torch
 
 from omniquant.block_train import AMP_CHOICES, SCHEDULES, matmul_dtype
 from omniquant.blockwise import RunState, calibrate_model, learns_nothing
+from omniquant.capture import final_hidden
 from omniquant.config import SUPPORTED_ABITS, CalibConfig
 from omniquant.data import load_tokens, sample_windows
-from omniquant.e2e_scales import check_fits, fp_hidden, refine_checkpoint, tune_scales
+from omniquant.e2e_scales import check_fits, refine_checkpoint, tune_scales
 from omniquant.errors import UserError
 from omniquant.hub import resolve_model
 from omniquant.models import get_adapter
@@ -92,7 +93,7 @@ def _prepare(model_path, cfg: CalibConfig):
         raise UserError(f"--let: the {adapter.name} adapter declares no LET sites")
     torch.manual_seed(cfg.seed)
     tokenizer = windows = None  # RTN / LWC at its init quantizes the weights directly: no calibration text is read
-    if not learns_nothing(cfg) or cfg.e2e_epochs:
+    if not learns_nothing(cfg):
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         windows = sample_windows(load_tokens(tokenizer, cfg.calib_data, split="calib"), cfg.nsamples, cfg.seqlen,
                                  cfg.seed, bos=config_window_bos(hf_config))
@@ -144,13 +145,15 @@ def quantize_in_memory(model_path, cfg: CalibConfig, state_dir: Path, resume: bo
     state = RunState(state_dir, cfg, model_path)
     wa = _weight_act(model, adapter, windows, cfg, state.path)
     t0 = time.time()
-    targets = fp_hidden(model, windows) if cfg.e2e_epochs else None  # before the blocks are quantized in place
     result = calibrate_model(model, adapter, windows, cfg, state, resume=resume,
                              make_let=wa and wa.make_let, act_quantizer_factory=wa and wa.act_factory,
                              streams=streams, fp_observer=wa and wa.observe)
     if wa is not None:
         wa.finish()
-    e2e = tune_scales(model, result.qparams, windows, targets, cfg) if cfg.e2e_epochs else None
+    e2e = None
+    if cfg.e2e_epochs:  # the float model's last hidden states: the end of the block loop's fp stream, then the tail
+        targets = final_hidden(model, adapter.blocks(model), windows, result.fp_out)
+        e2e = tune_scales(model, result.qparams, windows, targets, cfg)
     quant_config = _quant_config(cfg, hf_config.model_type, model_path, result, time.time() - t0, wa)
     if e2e is not None:
         quant_config["calibration"]["e2e"] = e2e
@@ -228,6 +231,6 @@ def calibrate_checkpoint(model_path, output, *, overwrite: bool = False, resume:
         hf_config.dtype = ckpt.dominant_dtype(adapter)
         write_metadata(tmp, hf_config, quant_config_entry(quant_config, linears, writer), offsets, model_path)
         if cfg.e2e_epochs:
-            refine_checkpoint(tmp, model_path, windows, cfg)
+            refine_checkpoint(tmp, windows, cfg, adapter.blocks_path, result.fp_out)
     shutil.rmtree(state_dir, ignore_errors=True)
     return output

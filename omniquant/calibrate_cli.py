@@ -84,8 +84,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "last step (default: off; at one window per step the lowest loss mostly marks the easiest "
                         "window, and the last step scored lower validation perplexity for every recipe tried)")
     p.add_argument("--amp", default=D.amp, choices=AMP_CHOICES,
-                   help="the training steps' matmuls in bfloat16 (autocast; quantizers, loss, optimizer and streams "
-                        "stay float32, the export is exact either way): bf16, off (float32), or auto (default: bf16 "
+                   help="the matmuls of the training steps and of the streams' block forwards in bfloat16 "
+                        "(autocast; quantizers, loss, optimizer and the stored streams stay float32, the export is "
+                        "exact either way): bf16, off (float32), or auto (default: bf16 "
                         "on CUDA, and for weight-only runs on CPUs with native bf16, AVX512-BF16 or AMX, where a "
                         "step takes about half the time; float32 elsewhere, where torch would emulate bf16)")
     p.add_argument("--wd", type=float, default=D.wd, help="AdamW weight decay")

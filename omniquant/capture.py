@@ -1,4 +1,5 @@
-"""Capture the inputs of decoder block 0 and the keyword arguments the model passes to each block."""
+"""Capture the inputs of decoder block 0 and the keyword arguments the model passes to each block; replay the
+model's tail (final norm) on recorded outputs of its last block (`final_hidden`)."""
 
 from __future__ import annotations
 
@@ -10,22 +11,29 @@ class _Stop(Exception):
     pass
 
 
-class _Catcher(nn.Module):
-    """Stands in for decoder block `index`: records its kwargs (first window only) and returns its input unchanged,
-    so the model's own forward computes every block's kwargs (per-layer masks and RoPE tables, e.g. Gemma 3's
-    sliding/global layers) without running a block. Unknown attributes are read from the wrapped block, which the
-    model's loop may consult (e.g. `attention_type`)."""
+class _StandIn(nn.Module):
+    """Takes a decoder block's place in the model's ModuleList; unknown attributes are read from the wrapped block,
+    which the model's loop may consult (e.g. Gemma 3's `attention_type`)."""
 
-    def __init__(self, block: nn.Module, index: int, last: int, hidden, kwargs: list):
+    def __init__(self, block: nn.Module):
         super().__init__()
         object.__setattr__(self, "_wrapped", block)  # not a submodule: its parameters stay out of this module
-        self.index, self.last, self._hidden, self._kwargs = index, last, hidden, kwargs
 
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(object.__getattribute__(self, "_wrapped"), name)
+
+
+class _Catcher(_StandIn):
+    """Stands in for decoder block `index`: records its kwargs (first window only) and returns its input unchanged,
+    so the model's own forward computes every block's kwargs (per-layer masks and RoPE tables, e.g. Gemma 3's
+    sliding/global layers) without running a block."""
+
+    def __init__(self, block: nn.Module, index: int, last: int, hidden, kwargs: list):
+        super().__init__(block)
+        self.index, self.last, self._hidden, self._kwargs = index, last, hidden, kwargs
 
     def forward(self, hidden_states, *args, **kwargs):
         if args:
@@ -88,3 +96,37 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch
 def block_forward(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
     out = block(x, **kwargs)
     return out[0] if isinstance(out, tuple) else out
+
+
+class _Replay(_StandIn):
+    """Stands in for a decoder block while `final_hidden` runs the model: returns its input, and the last block
+    returns the recorded output of the current window instead."""
+
+    def __init__(self, block: nn.Module, output):
+        super().__init__(block)
+        self._output = output  # None, or a callable giving the recorded output for the running window
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states if self._output is None else self._output().to(hidden_states)
+
+
+@torch.no_grad()
+def final_hidden(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, last_out) -> torch.Tensor:
+    """The model's last hidden state (after its final norm and whatever else its base model applies after the
+    blocks) float32 [n, L, H] on the CPU, when its last decoder block outputs last_out[j : j + 1] ([n, L, H], e.g.
+    the block loop's fp stream) on window j of windows [n, L]. The model's own forward runs with every block
+    replaced by a stand-in, so only the embedding and the tail are computed: the mirror of `capture_block_inputs`,
+    and what `model.base_model(windows).last_hidden_state` gives when last_out are the float blocks' outputs."""
+    originals, rows = list(blocks), []
+    device = model.get_input_embeddings().weight.device
+    current = {}
+    for i, b in enumerate(originals):
+        blocks[i] = _Replay(b, (lambda: current["out"]) if i == len(blocks) - 1 else None)
+    try:
+        for j in range(windows.shape[0]):
+            current["out"] = last_out[j : j + 1]
+            rows.append(model.base_model(windows[j : j + 1].to(device), use_cache=False).last_hidden_state.float().cpu())
+    finally:
+        for i, b in enumerate(originals):
+            blocks[i] = b
+    return torch.cat(rows)

@@ -132,9 +132,27 @@ def test_runs_that_cannot_work_are_refused_up_front(tiny_llama_dir, calib_text, 
         calibrate_checkpoint(tiny_llama_dir, tmp_path / "o", calib_data=calib_text, e2e_epochs=1, abits=8,
                              **{**RUN, "group_size": -1})
     monkeypatch.setattr(e2e, "memory_budget", lambda device: (1 << 20, 1 << 20))
-    with pytest.raises(UserError, match=r"needs about .* GiB of memory.*--e2e-epochs 0"):
+    with pytest.raises(UserError, match=r"needs about .* GiB of RAM.*--e2e-epochs 0"):
         calibrate_checkpoint(tiny_llama_dir, tmp_path / "o", calib_data=calib_text, e2e_epochs=1, **RUN)
     assert not (tmp_path / "o").exists() and not list(tmp_path.iterdir())
+
+
+def test_memory_check_on_a_gpu_counts_device_memory_and_ram(monkeypatch):
+    """On CUDA the weights and q - z go to the device, the hidden states and the float32 load stay in RAM: either
+    one short is refused, both enough passes (no GPU needed: the budget is monkeypatched)."""
+    from omniquant.config import CalibConfig
+
+    cfg = CalibConfig(device="cuda", e2e_epochs=1, nsamples=16, seqlen=512)
+    n, hidden, gib = 135_000_000, 576, 1 << 30
+    states = 8 * 16 * 512 * hidden
+    monkeypatch.setattr(e2e, "memory_budget", lambda device: (6 * n - 1, 100 * gib))
+    with pytest.raises(UserError, match="GiB of cuda memory"):
+        e2e.check_fits(n, hidden, cfg)
+    monkeypatch.setattr(e2e, "memory_budget", lambda device: (6 * n, 4 * n + states - 1))
+    with pytest.raises(UserError, match="GiB of RAM"):
+        e2e.check_fits(n, hidden, cfg)
+    monkeypatch.setattr(e2e, "memory_budget", lambda device: (6 * n, 4 * n + states))
+    e2e.check_fits(n, hidden, cfg)
 
 
 @pytest.mark.parametrize("fixture", ["tiny_qwen3_dir", "tiny_gemma3_dir", "tiny_opt_dir"])
@@ -157,3 +175,77 @@ def test_other_architectures_keep_their_codes(fixture, request, calib_text, tmp_
         assert torch.equal(c0, c1), name
         moved += int((s0[f"{name}.scales"] != s1[f"{name}.scales"]).sum())
     assert moved > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_scale_weight_and_gradient_match_float64(dtype):
+    """The stage's weight (q - z) * s * exp(a) with a ragged last group (K = 80, groups of 32), built in `dtype`, and
+    the gradient of its log-factors, against the same formula in float64 autograd."""
+    g = torch.Generator().manual_seed(0)
+    n, k, gs = 6, 80, 32
+    codes = torch.randint(0, 8, (n, k), generator=g)
+    zeros = torch.randint(0, 8, (n, 3), generator=g)
+    scales = (torch.rand(n, 3, generator=g) * 0.1).half().float()
+    dq = e2e.GroupScaleDequant(codes, scales, zeros, gs, dtype)
+    with torch.no_grad():
+        dq.log_factor.copy_(torch.randn(n, 3, generator=g) * 0.1)
+    upstream = torch.randn(n, k, generator=g)
+
+    cols = torch.arange(k) // gs
+    a64 = dq.log_factor.detach().double().requires_grad_()
+    w64 = (codes.double() - zeros.double()[:, cols]) * (scales.double() * torch.exp(a64))[:, cols]
+    (w64 * upstream.to(dtype).double()).sum().backward()
+
+    w = dq(None)
+    assert w.dtype == dtype and w.shape == (n, k)
+    s32 = dq.scale().detach()  # float32 s * exp(a); each weight is one float32 product, rounded once into dtype
+    assert torch.equal(w, ((codes - zeros[:, cols]).double() * s32.double()[:, cols]).float().to(dtype))
+    (w.float() * upstream.to(dtype).float()).sum().backward()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(dq.log_factor.grad.double(), a64.grad, rtol=tol, atol=tol)
+    fp16 = (scales * 1.5).half().float()  # the export: exact for fp16 scales
+    assert torch.equal(dq.weight(fp16), ((codes - zeros[:, cols]).double() * fp16.double()[:, cols]).float())
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen3_dir", "tiny_gemma3_dir", "tiny_opt_dir"])
+def test_final_hidden_is_the_float_models_last_hidden_state(fixture, request):
+    """capture.final_hidden (the e2e stage's targets: the float blocks' outputs, here chained block by block as the
+    block loop's fp stream is, through the model's own tail) equals the model's last hidden state."""
+    from transformers import AutoModelForCausalLM
+
+    from omniquant.capture import block_forward, capture_block_inputs, final_hidden
+    from omniquant.models import get_adapter
+
+    model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(fixture), dtype=torch.float32).eval()
+    blocks = get_adapter(model.config.model_type).blocks(model)
+    vocab = model.config.get_text_config().vocab_size
+    windows = torch.randint(3, vocab, (3, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x, kwargs = capture_block_inputs(model, blocks, windows)
+        for i, block in enumerate(blocks):
+            x = torch.cat([block_forward(block, x[j : j + 1], kwargs[i]) for j in range(x.shape[0])])
+        ref = model.base_model(windows, use_cache=False).last_hidden_state
+    torch.testing.assert_close(final_hidden(model, blocks, windows, x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_head_loss_and_gradient_match_float64(tiny_llama_dir, monkeypatch):
+    """The stage's loss, evaluated in chunks of 5 tokens (the last one ragged), and its gradient w.r.t. the last
+    hidden state, against an unchunked float64 KL(p_fp || p_q)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval().requires_grad_(False)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(e2e, "HEAD_CHUNK", 5 * vocab)
+    g = torch.Generator().manual_seed(0)
+    h, target = torch.randn(1, 23, model.config.hidden_size, generator=g), torch.randn(1, 23, model.config.hidden_size, generator=g)
+
+    h32 = h.clone().requires_grad_()
+    loss = e2e._HeadKL.apply(h32, target, model, False)
+    loss.backward()
+    h64 = h.double().requires_grad_()
+    head = model.get_output_embeddings().weight.double()
+    ref = torch.log_softmax(target.double() @ head.T, -1)
+    kl = (ref.exp() * (ref - torch.log_softmax(h64 @ head.T, -1))).sum(-1).mean()
+    kl.backward()
+    torch.testing.assert_close(loss.double(), kl.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h32.grad.double(), h64.grad, rtol=1e-4, atol=1e-7)
