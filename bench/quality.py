@@ -166,7 +166,9 @@ def run_method(method, setting, cfg, model, windows, work: Path, calib_src: str,
     # JSON round trip: tuples come back as lists
     signature = json.loads(json.dumps({"cfg": asdict(cfg), "method": asdict(method), "setting": asdict(setting)}))
     sig_file = out / "signature.json"
-    if reuse and (out / "meta.json").exists() and sig_file.exists() and json.loads(sig_file.read_text()) == signature:
+    # reusable: same settings and its weights still there (scoring reads them; a cleaned-up folder is re-run)
+    if (reuse and (out / "meta.json").exists() and (out / "weights.safetensors").exists() and sig_file.exists()
+            and json.loads(sig_file.read_text()) == signature):
         return json.loads((out / "meta.json").read_text())
     if report_only:
         err = out / "error.json"

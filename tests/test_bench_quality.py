@@ -452,3 +452,24 @@ def test_our_recipe_rows_run_end_to_end(tiny_llama_dir, tmp_path):
     meta = json.loads((out / "quality-quick" / "w3g128" / "omniquant-blockap" / "meta.json").read_text())
     assert set(meta["learning_rates"]) == {"scale", "zero", "weight"}
     assert rep["best_recipe"]["w3g128"] == "omniquant-blockap"  # the only one of OURS here
+
+
+def test_reuse_skips_a_result_whose_weights_are_gone(tmp_path):
+    """A result folder with matching settings but without its weights (cleaned up) is not reused: scoring would
+    read the weights; --report-only reports it missing instead of crashing."""
+    import json
+    from dataclasses import asdict
+
+    from bench.methods import METHODS, parse_setting
+    from bench.quality import QUICK, run_method
+
+    method, setting = METHODS["gptq"], parse_setting("w4g128")
+    out = tmp_path / setting.name / method.name
+    out.mkdir(parents=True)
+    signature = json.loads(json.dumps({"cfg": asdict(QUICK), "method": asdict(method), "setting": asdict(setting)}))
+    (out / "signature.json").write_text(json.dumps(signature))
+    (out / "meta.json").write_text(json.dumps({"calib_seconds": 1.0}))
+    args = (method, setting, QUICK, tmp_path / "model", tmp_path / "windows", tmp_path, "calib", 10)
+    assert run_method(*args, reuse=True, report_only=True) == {"missing": True}
+    (out / "weights.safetensors").write_bytes(b"")
+    assert run_method(*args, reuse=True, report_only=True) == {"calib_seconds": 1.0}
