@@ -41,8 +41,8 @@ class CalibConfig:
     # default: one-window step losses rank windows more than parameters (bench/README.md, "Tuning")
     keep_best: bool = False
     # the matmuls of the training steps, the streams' block forwards and the e2e stage in bfloat16 (autocast;
-    # weights, quantizers, the stored streams and targets stay float32): bf16, off, or auto (bf16 on CUDA, and for weight-only runs on CPUs with native bf16 dot products,
-    # AVX512-BF16 / AMX; block_train.resolve_amp)
+    # weights, quantizers, the stored streams and targets stay float32): bf16, off, or auto (bf16 on CUDA, and for
+    # weight-only runs on CPUs with native bf16 dot products, AVX512-BF16 / AMX; block_train.resolve_amp)
     amp: str = "auto"
     wd: float = 0.0
     alpha: float = 0.5

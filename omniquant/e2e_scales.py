@@ -70,14 +70,13 @@ def _group_dot(grad: torch.Tensor, cz: torch.Tensor, group_size: int) -> torch.T
 
 
 class _ScaledCodes(torch.autograd.Function):
-    """W = cz * s per group (`_scaled`); dL/ds[n, g] = sum over the group of dL/dW * cz. Saves only s (cz is the
-    module's buffer): autograd's own graph would keep float32 weight-sized products for every linear."""
+    """W = cz * s per group (`_scaled`); dL/ds[n, g] = sum over the group of dL/dW * cz. Keeps only a reference to
+    cz (the module's buffer): autograd's own graph would keep float32 weight-sized products for every linear."""
 
     @staticmethod
     def forward(ctx, scale, cz, group_size, dtype):
-        ctx.save_for_backward(scale)
         ctx.cz, ctx.group_size = cz, group_size
-        return _scaled(cz, scale.detach(), group_size, dtype)
+        return _scaled(cz, scale, group_size, dtype)
 
     @staticmethod
     def backward(ctx, grad):
