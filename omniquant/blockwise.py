@@ -47,7 +47,6 @@ from omniquant.config import CalibConfig
 from omniquant.errors import UserError
 from omniquant.models.base import Adapter
 from omniquant.quant.clip_init import STAT_WINDOWS, init_clipping, input_second_moments
-from omniquant.quant.gptq_start import input_grams, start_at_gptq
 from omniquant.quant.norm_gain import attach_norm_gains, bake_norm_gains
 from omniquant.quant.qlinear import QuantLinear, replace_linears, restore_linears
 from omniquant.quant.recipes import resolve_clip_init, resolve_recipe
@@ -184,21 +183,14 @@ def start_clipping(block: nn.Module, qlinears: dict[str, QuantLinear], cfg: Cali
     if not any(q.wquant.learns_clipping() for q in qlinears.values()):
         return
     kind = resolve_clip_init(cfg)
-    gptq = cfg.weight_start == "gptq" and inputs is not None
-    moments, grams = {}, {}
-    if kind == "act" or gptq:
+    moments = {}
+    if kind == "act":
         n = min(STAT_WINDOWS, inputs.shape[0])
-        forward = lambda: [block_forward(block, inputs[j : j + 1], kwargs) for j in range(n)]  # noqa: E731
         with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=amp):
-            if gptq:
-                grams = input_grams(qlinears, forward)
-                moments = {name: torch.diagonal(g).float() for name, g in grams.items()}
-            else:
-                moments = input_second_moments(qlinears, forward)
+            moments = input_second_moments(
+                qlinears, lambda: [block_forward(block, inputs[j : j + 1], kwargs) for j in range(n)])
     for name, q in qlinears.items():
-        init_clipping(q.wquant, q.weight, kind, moments.get(name) if kind == "act" else None)
-    if gptq:
-        start_at_gptq(qlinears, grams)
+        init_clipping(q.wquant, q.weight, kind, moments.get(name))
 
 
 class ModelBlocks:

@@ -22,7 +22,6 @@ from omniquant.hub import resolve_model
 from omniquant.models import get_adapter
 from omniquant.ppl import config_window_bos
 from omniquant.quant.clip_init import CLIP_INITS
-from omniquant.quant.gptq_start import WEIGHT_STARTS
 from omniquant.quant.recipes import LR_GROUPS, resolve_clip_init, resolve_recipe
 from omniquant.quant.spec import SUPPORTED_WBITS
 
@@ -39,12 +38,7 @@ def validate(cfg: CalibConfig) -> None:
     for name in ("epochs", "nsamples", "seqlen", "batch_size"):
         if getattr(cfg, name) < (0 if name == "epochs" else 1):
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    recipe = resolve_recipe(cfg.recipe, cfg.wbits)  # UserError for an unknown recipe
-    if cfg.weight_start not in WEIGHT_STARTS:
-        raise UserError(f"--weight-start must be one of {', '.join(WEIGHT_STARTS)}, got {cfg.weight_start!r}")
-    if cfg.weight_start == "gptq" and (recipe.name != "blockap" or cfg.epochs == 0):
-        raise UserError("--weight-start gptq starts the weights that --recipe blockap trains; it needs that recipe "
-                        f"and --epochs > 0 (got recipe {recipe.name}, epochs {cfg.epochs})")
+    resolve_recipe(cfg.recipe, cfg.wbits)  # UserError for an unknown recipe
     if cfg.clip_init not in CLIP_INITS:
         raise UserError(f"--clip-init must be one of {', '.join(CLIP_INITS)}, got {cfg.clip_init!r}")
     if cfg.amp not in AMP_CHOICES:

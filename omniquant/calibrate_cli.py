@@ -15,7 +15,6 @@ from omniquant.block_train import AMP_CHOICES, SCHEDULES
 from omniquant.config import CalibConfig
 from omniquant.hub import add_model_arguments
 from omniquant.quant.clip_init import CLIP_INITS
-from omniquant.quant.gptq_start import WEIGHT_STARTS
 from omniquant.quant.recipes import BEST, LR_GROUPS, RECIPE_CHOICES, RECIPES
 
 D = CalibConfig()
@@ -60,10 +59,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "Block-AP round-to-nearest); auto (default) = the recipe's own: " + ", ".join(
                             f"{r.name} {r.clip_init}" for r in RECIPES.values()) + ". With --epochs 0 the start is "
                         "the result (act then acts as mse: no calibration text is read)")
-    p.add_argument("--weight-start", default=D.weight_start, choices=WEIGHT_STARTS,
-                   help="blockap: where the trained weights start: rtn (default: round-to-nearest on the clipping "
-                        "start) or gptq (GPTQ's error-compensated columns, from the Gram matrix of each linear's "
-                        "input over 4 calibration windows; needs --epochs > 0)")
     lr_help = "peak learning rate of the {} in {} (default: budget-aware, {:g} / sqrt(sum of the schedule's factors))"
     for group, what in (("lwc", "LWC clipping logits"), ("round", "rounding offsets (lwc+round)"),
                         ("scale", "Block-AP log-scales"), ("zero", "Block-AP zero points"),

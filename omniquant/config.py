@@ -20,9 +20,6 @@ class CalibConfig:
     norm_gains: bool = False  # the block's pre-linear norms also learn a per-channel gain (quant/norm_gain.py)
     clip_init: str = "auto"  # where learned clipping starts: act / mse (per-group error search, input-weighted or
     #                          not), minmax, or auto (the recipe's own: quant/recipes.py, quant/clip_init.py)
-    # where blockap's trainable weights start: rtn (round-to-nearest on the clipping start) or gptq (GPTQ's
-    # error-compensated columns; quant/gptq_start.py)
-    weight_start: str = "rtn"
     epochs: int = 20
     nsamples: int = 128
     seqlen: int = 2048

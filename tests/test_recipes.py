@@ -29,8 +29,6 @@ from omniquant.quant.spec import WeightQuantSpec
 
 ALL = list(RECIPES)  # lwc, lwc+round, blockap
 SMALL = {"wbits": 3, "group_size": 64, "nsamples": 4, "seqlen": 64, "epochs": 2, "batch_size": 2, "seed": 0}
-# checkpoint variants: each recipe, and blockap started at GPTQ's weights (--weight-start gptq)
-VARIANTS = {**{r: {"recipe": r} for r in ALL}, "blockap-gptq": {"recipe": "blockap", "weight_start": "gptq"}}
 
 
 # ---------------------------------------------------------------------------------------------- quantizers alone
@@ -240,25 +238,23 @@ def checkpoint(tiny_llama_dir, calib_text, tmp_path_factory):
     """calibrate_checkpoint of the tiny Llama with a recipe (W3 g64, 2 epochs of 2 batches of 2); cached."""
     from omniquant.calibrate import calibrate_checkpoint
 
-    def make(variant):
-        if variant not in _CKPTS:
-            out = tmp_path_factory.mktemp("recipes") / variant.replace("+", "_")
-            _CKPTS[variant] = calibrate_checkpoint(tiny_llama_dir, out, calib_data=calib_text, **VARIANTS[variant],
-                                                   **SMALL)
-        return _CKPTS[variant]
+    def make(recipe):
+        if recipe not in _CKPTS:
+            out = tmp_path_factory.mktemp("recipes") / recipe.replace("+", "_")
+            _CKPTS[recipe] = calibrate_checkpoint(tiny_llama_dir, out, recipe=recipe, calib_data=calib_text, **SMALL)
+        return _CKPTS[recipe]
 
     return make
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_recipe_checkpoint_packs_and_unpacks_bit_exactly(variant, checkpoint, tmp_path):
+@pytest.mark.parametrize("recipe", ALL)
+def test_recipe_checkpoint_packs_and_unpacks_bit_exactly(recipe, checkpoint, tmp_path):
     from mlc_schemes import load_packed, pack_checkpoint
     from mlc_schemes.unpack import dequantized_state_dict
 
-    fq = checkpoint(variant)
+    fq = checkpoint(recipe)
     qc = json.loads((fq / "quant_config.json").read_text())
-    assert qc["recipe"] == VARIANTS[variant]["recipe"] and qc["calibration"]["block_log"][0]["lr"]
-    assert qc["calibration"]["weight_start"] == VARIANTS[variant].get("weight_start", "rtn")
+    assert qc["recipe"] == recipe and qc["calibration"]["block_log"][0]["lr"]
     packed = pack_checkpoint(fq, "w3a16g64asym", tmp_path / "packed", progress=False)
     cfg, params = load_packed(packed)
     state = dequantized_state_dict(cfg, params)
@@ -284,13 +280,12 @@ def test_blockap_changes_the_weights_and_stays_exact(checkpoint, tiny_llama_dir)
     assert moved > 0
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_resume_is_bit_exact(variant, checkpoint, tiny_llama_dir, calib_text, tmp_path, monkeypatch):
+@pytest.mark.parametrize("recipe", ALL)
+def test_resume_is_bit_exact(recipe, checkpoint, tiny_llama_dir, calib_text, tmp_path, monkeypatch):
     """A run that dies after block 0 (its learned state saved) and is resumed equals the uninterrupted run."""
     from omniquant.calibrate import calibrate_checkpoint
 
-    full = checkpoint(variant)
-    kw = {**VARIANTS[variant], **SMALL}
+    full = checkpoint(recipe)
 
     def crash(i):
         if i == 0:
@@ -300,9 +295,9 @@ def test_resume_is_bit_exact(variant, checkpoint, tiny_llama_dir, calib_text, tm
     with monkeypatch.context() as m:
         m.setattr(bw, "_kill_hook", crash)
         with pytest.raises(KeyboardInterrupt):
-            calibrate_checkpoint(tiny_llama_dir, out, calib_data=calib_text, **kw)
+            calibrate_checkpoint(tiny_llama_dir, out, recipe=recipe, calib_data=calib_text, **SMALL)
     assert (state / "block_0000.safetensors").exists() and not out.exists()
-    calibrate_checkpoint(tiny_llama_dir, out, calib_data=calib_text, resume=state, **kw)
+    calibrate_checkpoint(tiny_llama_dir, out, recipe=recipe, calib_data=calib_text, resume=state, **SMALL)
     for f in ("model.safetensors", "quant_params.safetensors"):
         a, b = load_file(str(full / f)), load_file(str(out / f))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
