@@ -37,6 +37,7 @@ from omniquant.block_train import peak_lr, resolve_amp, schedule_factors
 from omniquant.capture import final_hidden
 from omniquant.config import CalibConfig
 from omniquant.errors import UserError
+from omniquant.heap import retained_heap
 from omniquant.quant.codes import recompute_codes, stored_weight
 from omniquant.quant.spec import from_groups, to_groups
 from omniquant.streams import memory_budget
@@ -109,9 +110,11 @@ class GroupScaleDequant(nn.Module):
         return _ScaledCodes.apply(self.scale(), self.cz, self.group_size, self.dtype)
 
 
-def _logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The causal LM's logits from its last hidden state (lm_head, then Gemma's final soft-capping where set)."""
-    out = model.get_output_embeddings()(hidden)
+def _logits(model: nn.Module, hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The causal LM's logits from its last hidden state (lm_head, then Gemma's final soft-capping where set);
+    weight: the lm_head weight to use instead of the module's (its bfloat16 copy under amp)."""
+    head = model.get_output_embeddings()
+    out = head(hidden) if weight is None else nn.functional.linear(hidden, weight, head.bias)
     cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     return torch.tanh(out / cap) * cap if cap else out
 
@@ -127,20 +130,23 @@ class _HeadKL(torch.autograd.Function):
     dloss/dh for the backward. The lm_head is frozen: only h gets a gradient."""
 
     @staticmethod
-    def forward(ctx, h, target, model, amp):
-        tokens, vocab = h.shape[1], model.get_output_embeddings().weight.shape[0]
+    def forward(ctx, h, target, model, amp, head_weight=None):
+        vocab = model.get_output_embeddings().weight.shape[0]
         step = max(1, HEAD_CHUNK // vocab)
         with torch.enable_grad():
             hd = h.detach().requires_grad_()
+            # [tokens, H] chunks: a 3-D chunk sends the head's matmul through bmm, which makes the transposed lm_head
+            # weight contiguous (113 MB for SmolLM2 in float32) at every call: 1.5 of a 3.5 s step on one thread
+            flat, ref_h = hd.reshape(-1, hd.shape[-1]), target.reshape(-1, target.shape[-1])
+            tokens = flat.shape[0]
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             for s in range(0, tokens, step):
                 with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=amp):
-                    logits = _logits(model, hd[:, s : s + step])
+                    logits = _logits(model, flat[s : s + step], head_weight)
                 with torch.no_grad():
-                    ref = torch.log_softmax(_logits(model, target[:, s : s + step]).float(), dim=-1)
+                    ref = torch.log_softmax(_logits(model, ref_h[s : s + step]).float(), dim=-1)
                 logp = torch.log_softmax(logits.float(), dim=-1)
-                part = nn.functional.kl_div(logp.flatten(0, 1), ref.flatten(0, 1), log_target=True,
-                                            reduction="sum") / tokens
+                part = nn.functional.kl_div(logp, ref, log_target=True, reduction="sum") / tokens
                 part.backward()
                 total += part.detach()
         ctx.save_for_backward(hd.grad)
@@ -149,14 +155,16 @@ class _HeadKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (grad_h,) = ctx.saved_tensors
-        return grad * grad_h, None, None, None
+        return grad * grad_h, None, None, None, None
 
 
-def _loss(model: nn.Module, ids: torch.Tensor, target: torch.Tensor, amp: bool) -> torch.Tensor:
-    """Mean over the tokens of ids [1, L] of KL(p_fp || p_q); target: the float model's hidden states [1, L, H]."""
+def _loss(model: nn.Module, ids: torch.Tensor, target: torch.Tensor, amp: bool,
+          head_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the tokens of ids [1, L] of KL(p_fp || p_q); target: the float model's hidden states [1, L, H];
+    head_weight: the lm_head weight as autocast would cast it, made once (`tune_scales`)."""
     with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=amp):
         h = model.base_model(ids, use_cache=False).last_hidden_state
-    return _HeadKL.apply(h, target, model, amp)
+    return _HeadKL.apply(h, target, model, amp, head_weight)
 
 
 def tune_scales(model: nn.Module, qparams: dict[str, tuple[torch.Tensor, torch.Tensor]], windows: torch.Tensor,
@@ -187,31 +195,36 @@ def tune_scales(model: nn.Module, qparams: dict[str, tuple[torch.Tensor, torch.T
     log = {"lr": lr, "epoch_loss": [], "steps": n_steps, "nan": None}
     order = torch.Generator().manual_seed(cfg.seed)
     last_finite = [p.detach().clone() for p in params]
+    # the frozen lm_head in bfloat16 once for the stage: autocast casts a weight that needs no gradient again at
+    # every call, and each cast is a fresh 57 MB (SmolLM2) allocation, page-faulted in, per chunk of every step
+    head_weight = model.get_output_embeddings().weight.detach().to(torch.bfloat16) if amp else None
     step = 0
     try:
-        bar = tqdm(total=n_steps, desc="e2e scales", leave=False)
-        for _ in range(cfg.e2e_epochs):
-            total = 0.0
-            for j in torch.randperm(windows.shape[0], generator=order).tolist():
-                loss = _loss(model, windows[j : j + 1].to(device), targets[j : j + 1].to(device), amp)
-                if not torch.isfinite(loss):  # the current scales gave it: back to the last finite ones
-                    log["nan"] = step
+        with retained_heap():  # every step frees and reallocates the same temporaries (omniquant/heap.py)
+            bar = tqdm(total=n_steps, desc="e2e scales", leave=False)
+            for _ in range(cfg.e2e_epochs):
+                total = 0.0
+                for j in torch.randperm(windows.shape[0], generator=order).tolist():
+                    loss = _loss(model, windows[j : j + 1].to(device), targets[j : j + 1].to(device), amp,
+                                 head_weight)
+                    if not torch.isfinite(loss):  # the current scales gave it: back to the last finite ones
+                        log["nan"] = step
+                        break
+                    for p, keep in zip(params, last_finite):
+                        keep.copy_(p.detach())
+                    for g in opt.param_groups:
+                        g["lr"] = lr * factors[step]
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total += loss.item()
+                    step += 1
+                    bar.update()
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
+                if log["nan"] is not None:
                     break
-                for p, keep in zip(params, last_finite):
-                    keep.copy_(p.detach())
-                for g in opt.param_groups:
-                    g["lr"] = lr * factors[step]
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.item()
-                step += 1
-                bar.update()
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-            if log["nan"] is not None:
-                break
-            log["epoch_loss"].append(total / windows.shape[0])
-        bar.close()
+                log["epoch_loss"].append(total / windows.shape[0])
+            bar.close()
     finally:
         with torch.no_grad():
             if log["nan"] is not None:
