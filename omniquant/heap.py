@@ -8,12 +8,14 @@ one after another, the resident size went 371 -> 546 MB without a trim and staye
 (`omniquant pack` of a whole 7B model, 291 tensors, peaked at 3.9 GiB without it). `malloc_trim(0)` returns the
 free pages of every arena.
 
-Keep it within a training loop (`retained_heap`, calibration): every step allocates and frees the same activation
-temporaries, and with glibc's defaults (an mmap threshold that starts at 128 kB, a heap top trimmed once 2x that is
-free) many of them go back to the OS and are faulted in again, page by page, on the next step. A fixed 32 MB mmap
-threshold (glibc's upper limit) and a 1 GB trim threshold keep them in the heap: SmolLM2 W2g128 blockap 1 + 1
-calibration, one thread, 3.48 M -> 0.67 M minor page faults, 168.2 -> 158.7 s, peak RSS 2.74 -> 2.76 GB, results bit
-for bit the same (bench/README.md, "Calibration time").
+Keep it within a training loop (`retained_heap`, the e2e stage): every step allocates and frees the same
+activation temporaries (16 MB KL chunks, saved activations of 30 blocks), and with glibc's defaults (an mmap
+threshold that starts at 128 kB, a heap top trimmed once twice that is free) many go back to the OS and are faulted
+in again, page by page, at the next step. A fixed 32 MB mmap threshold (the dynamic threshold's own maximum) and a
+1 GB trim threshold keep them mapped: SmolLM2 W2g128 `blockap` 1 + 1, one thread, the stage's `_loss` calls 38.4 ->
+36.0 s and 1.90 M -> 0.91 M minor page faults, results bit for bit the same (bench/README.md, "Calibration time").
+Not used in the block loop: there glibc's dynamic threshold already keeps the faults low (~0.3 M for 30 blocks),
+and a trim after each block, which bounds what a retained heap would keep at 7B, cost more faults than it saved.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import functools
 # mallopt parameters (malloc.h) and glibc's defaults
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 DEFAULT_THRESHOLD = 128 * 1024
-KEEP_MMAP_THRESHOLD = 32 << 20  # glibc refuses more than HEAP_MAX_SIZE / 2 = 32 MB on 64-bit
+KEEP_MMAP_THRESHOLD = 32 << 20  # larger allocations stay mmapped (at 7B: whole weights, attention scores)
 KEEP_TRIM_THRESHOLD = 1 << 30
 
 

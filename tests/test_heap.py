@@ -26,12 +26,11 @@ class _FakeLibc:
 def test_retained_heap_sets_and_restores_the_thresholds(monkeypatch, fail):
     libc = _FakeLibc()
     monkeypatch.setattr(heap, "_libc", lambda: libc)
-    with pytest.raises(RuntimeError) if fail else heap.contextlib.nullcontext():
-        with heap.retained_heap():
-            assert libc.calls == [("mallopt", heap.M_MMAP_THRESHOLD, 32 << 20),
-                                  ("mallopt", heap.M_TRIM_THRESHOLD, 1 << 30)]
-            if fail:
-                raise RuntimeError("a training step failed")
+    with pytest.raises(RuntimeError) if fail else heap.contextlib.nullcontext(), heap.retained_heap():
+        assert libc.calls == [("mallopt", heap.M_MMAP_THRESHOLD, 32 << 20),
+                              ("mallopt", heap.M_TRIM_THRESHOLD, 1 << 30)]
+        if fail:
+            raise RuntimeError("a training step failed")
     assert libc.calls[2:] == [("mallopt", heap.M_MMAP_THRESHOLD, 128 * 1024),
                               ("mallopt", heap.M_TRIM_THRESHOLD, 128 * 1024), ("malloc_trim", 0)]
 
