@@ -99,15 +99,15 @@ def block_forward(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tens
 
 
 class _Replay(_StandIn):
-    """Stands in for a decoder block while `final_hidden` runs the model: returns its input, and the last block
-    returns the recorded output of the current window instead."""
+    """Stands in for a decoder block while `final_hidden` runs the model: returns its input, or `recorded` where it
+    is set (the last block: its recorded output for the running window)."""
 
-    def __init__(self, block: nn.Module, output):
+    def __init__(self, block: nn.Module):
         super().__init__(block)
-        self._output = output  # None, or a callable giving the recorded output for the running window
+        self.recorded = None
 
     def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states if self._output is None else self._output().to(hidden_states)
+        return hidden_states if self.recorded is None else self.recorded.to(hidden_states)
 
 
 @torch.no_grad()
@@ -119,12 +119,12 @@ def final_hidden(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor,
     and what `model.base_model(windows).last_hidden_state` gives when last_out are the float blocks' outputs."""
     originals, rows = list(blocks), []
     device = model.get_input_embeddings().weight.device
-    current = {}
     for i, b in enumerate(originals):
-        blocks[i] = _Replay(b, (lambda: current["out"]) if i == len(blocks) - 1 else None)
+        blocks[i] = _Replay(b)
+    last = blocks[len(originals) - 1]
     try:
         for j in range(windows.shape[0]):
-            current["out"] = last_out[j : j + 1]
+            last.recorded = last_out[j : j + 1]
             rows.append(model.base_model(windows[j : j + 1].to(device), use_cache=False).last_hidden_state.float().cpu())
     finally:
         for i, b in enumerate(originals):
