@@ -3,10 +3,11 @@ its target output:
 
     loss = MSE(F^q(X_q[b]), target[b])  (+ MSE(F^q(X_q[b]), aug_target[b]) with aug_loss)
 
-over mini-batches b of `batch_size` windows (fixed consecutive slices, `epochs` passes), AdamW with one parameter
-group per learning-rate group (quant/recipes.py LR_GROUPS). Budget-aware rates: with S = epochs * nsamples /
-batch_size steps and schedule factors f_t (linear: 1 - t/S, cosine: (1 + cos(pi t / S)) / 2, constant: 1), a group
-with rate constant c gets the peak rate c / sqrt(sum_t f_t) unless its --<group>-lr is given.
+over mini-batches b of `batch_size` windows (fixed consecutive slices, `epochs` passes), AdamW (betas (beta1,
+0.999), beta1 0.5 by default) with one parameter group per learning-rate group (quant/recipes.py LR_GROUPS).
+Budget-aware rates: with S = epochs * nsamples / batch_size steps and schedule factors f_t (linear: 1 - t/S,
+cosine: (1 + cos(pi t / S)) / 2, constant: 1), a group with rate constant c gets the peak rate c / sqrt(sum_t f_t)
+unless its --<group>-lr is given.
 
 The block keeps the parameters after the last step (the rate has decayed to 0 there). Keep-best (AutoRound's rule,
 opt-in): the parameters that gave the lowest step loss are kept instead, the state after the last step scored on
@@ -128,7 +129,7 @@ def train_block(block, q_inps, fp_outs, aug_outs, kwargs, cfg: CalibConfig, let,
     groups = param_groups(block, cfg, factors)
     log["lr"] = {g["name"]: g["lr"] for g in groups}
     log["matmul_dtype"] = matmul_dtype(cfg, q_inps.device)
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.wd)
+    opt = torch.optim.AdamW(groups, betas=(cfg.beta1, 0.999), weight_decay=cfg.wd)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: factors[t] if t < n_steps else 0.0)
     scaler = torch.amp.GradScaler("cuda") if amp and q_inps.device.type == "cuda" else None
 

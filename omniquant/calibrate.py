@@ -50,6 +50,8 @@ def validate(cfg: CalibConfig) -> None:
             raise UserError(f"--{g.field.replace('_', '-')} must be positive, got {getattr(cfg, g.field)}")
     if cfg.e2e_epochs < 0:
         raise UserError(f"--e2e-epochs must be >= 0, got {cfg.e2e_epochs}")
+    if not 0 <= cfg.beta1 < 1:
+        raise UserError(f"--beta1 must be in [0, 1), got {cfg.beta1}")
     if cfg.e2e_epochs and (cfg.abits < 16 or cfg.kv_bits < 16):
         raise UserError("--e2e-epochs tunes weight scales of weight-only runs; it does not combine with --abits / "
                         "--kv-bits below 16")

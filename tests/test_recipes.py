@@ -174,6 +174,35 @@ def test_budget_aware_learning_rates():
     assert block_train.peak_lr("let", CalibConfig(), f) == CalibConfig().let_lr
 
 
+def test_beta1_is_the_optimizers_first_moment_decay(block0, monkeypatch):
+    """--beta1 reaches AdamW as betas (beta1, 0.999), and the trained parameters depend on it."""
+    seen, real = [], torch.optim.AdamW
+
+    def spy(*args, **kwargs):
+        opt = real(*args, **kwargs)
+        seen.append(opt.defaults["betas"])
+        return opt
+
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    states = {}
+    for beta1 in (0.5, 0.9):
+        block, x, kwargs, target = _quantized_block(block0, "blockap")
+        train_block(block, x, target, None, kwargs, CalibConfig(wbits=2, group_size=64, epochs=2, nsamples=8,
+                                                                recipe="blockap", amp="off", beta1=beta1), None, "t")
+        states[beta1] = learned_state(block)
+    assert seen == [(0.5, 0.999), (0.9, 0.999)]
+    assert CalibConfig().beta1 == 0.5
+    assert not _equal_state(states[0.5], states[0.9])
+
+
+def test_beta1_out_of_range_is_a_clear_error():
+    from omniquant.calibrate import validate
+
+    for bad in (1.0, -0.1):
+        with pytest.raises(UserError, match="--beta1 must be in"):
+            validate(CalibConfig(beta1=bad))
+
+
 def _record_losses(monkeypatch, block, bump_after=None, nan_at=None):
     """Wrap mse_loss: record (loss, learned state that produced it) per call; add 10 to the loss after call
     `bump_after` (a worse, still finite loss), NaN at call `nan_at`."""
