@@ -91,8 +91,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "step takes about half the time; float32 elsewhere, where torch would emulate bf16)")
     p.add_argument("--wd", type=float, default=D.wd, help="AdamW weight decay")
     p.add_argument("--beta1", type=float, default=D.beta1,
-                   help="AdamW's first-moment decay in the block loop (default: %(default)s; 0.9 is torch's: at the "
-                        "quick budget of 32 steps per block 0.5 scored lower, bench/README.md \"AdamW's beta1\")")
+                   help="AdamW's first-moment decay in the block loop and the e2e stage (default: %(default)s; 0.9 is "
+                        "torch's: at the quick budget of 32 steps per block 0.5 scored lower, bench/README.md "
+                        "\"AdamW's beta1\")")
     p.add_argument("--aug-loss", "--aug_loss", action="store_true",
                    help="also match the fp block's output on the quantized input stream")
     p.add_argument("--seed", type=int, default=D.seed)

@@ -45,8 +45,9 @@ class CalibConfig:
     # weight-only runs on CPUs with native bf16 dot products, AVX512-BF16 / AMX; block_train.resolve_amp)
     amp: str = "auto"
     wd: float = 0.0
-    # AdamW's first-moment decay in the block loop: 0.5 averages the last ~2 gradients instead of torch's ~10 (0.9),
-    # which a 32-step block training follows better (bench/README.md, "AdamW's beta1"); the second moment keeps 0.999
+    # AdamW's first-moment decay in the block loop and the e2e stage: 0.5 averages the last ~2 gradients instead of
+    # torch's ~10 (0.9), which a 32-step block training follows better (bench/README.md, "AdamW's beta1"); the
+    # second moment keeps 0.999
     beta1: float = 0.5
     alpha: float = 0.5
     act_stats: str | None = None  # LET init statistics file (default: <output>.act_stats.safetensors, reused)

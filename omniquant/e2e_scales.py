@@ -7,10 +7,10 @@ next-token distribution matches the float model's:
            its final norm), h_fp the float model's: the end of the block loop's fp stream (the float blocks'
            outputs on the same windows, already computed) through the model's unquantized tail
 
-over the calibration windows (the block loop's own, one window per step, in a seeded order), AdamW on a only, the
-run's schedule (--lr-schedule) and bfloat16 matmuls where --amp gives them (the weights are then built in bfloat16
-directly from bfloat16 q - z, `_ScaledCodes`). At the end s' = fp16(s * exp(a)) and the
-stored weight is (q - z) * s', so the export stays exact (codes unchanged, `dequantize(pack(w)) == w`). The block
+over the calibration windows (the block loop's own, one window per step, in a seeded order), AdamW on a only (the
+block loop's betas, (--beta1, 0.999)), the run's schedule (--lr-schedule) and bfloat16 matmuls where --amp gives them
+(the weights are then built in bfloat16 directly from bfloat16 q - z, `_ScaledCodes`). At the end s' = fp16(s * exp(a))
+and the stored weight is (q - z) * s', so the export stays exact (codes unchanged, `dequantize(pack(w)) == w`). The block
 loop fits each block to its float output from quantized inputs; this stage fits what is left between the blocks
 (errors that add up through the model), where 2-bit models lose most (bench/README.md, "End-to-end scales").
 
@@ -191,7 +191,7 @@ def tune_scales(model: nn.Module, qparams: dict[str, tuple[torch.Tensor, torch.T
     n_steps = cfg.e2e_epochs * windows.shape[0]
     factors = schedule_factors(n_steps, cfg.lr_schedule)
     lr = peak_lr("e2e", cfg, factors)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(cfg.beta1, 0.999), weight_decay=0.0)
     log = {"lr": lr, "epoch_loss": [], "steps": n_steps, "nan": None}
     order = torch.Generator().manual_seed(cfg.seed)
     last_finite = [p.detach().clone() for p in params]

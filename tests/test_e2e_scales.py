@@ -101,6 +101,24 @@ def test_lazy_path_equals_in_memory(ckpt, trained_llama_dir, calib_text, tmp_pat
         assert torch.equal(weights[f"{name}.weight"], model.get_submodule(name).weight.detach()), name
 
 
+def test_beta1_reaches_the_e2e_optimizer(trained_llama_dir, calib_text, tmp_path, monkeypatch):
+    """--beta1 is the first-moment decay of the e2e stage's AdamW as well as the block loop's."""
+    from omniquant.calibrate import calibrate_checkpoint
+
+    seen, real = [], torch.optim.AdamW
+
+    def spy(params, **kwargs):
+        opt = real(params, **kwargs)
+        seen.append(opt.defaults["betas"])
+        return opt
+
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    calibrate_checkpoint(trained_llama_dir, tmp_path / "o", calib_data=calib_text, e2e_epochs=1, beta1=0.7,
+                         **{**RUN, "nsamples": 2})
+    n_blocks = json.loads((trained_llama_dir / "config.json").read_text())["num_hidden_layers"]
+    assert seen == [(0.7, 0.999)] * (n_blocks + 1)  # one optimizer per block, then the e2e stage's
+
+
 @pytest.mark.parametrize("bad_step", [0, 2])
 def test_non_finite_loss_keeps_the_last_finite_scales(bad_step, ckpt, trained_llama_dir, calib_text, tmp_path,
                                                       monkeypatch):
