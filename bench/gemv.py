@@ -1,7 +1,8 @@
 """Microbenchmark of the CPU matmul kernels at decode shape (M = 1), or at prefill shape with --m.
 
     python -m bench.gemv [--shapes smollm2|llama2-7b] [--bits 4,3,8] [--int8-dot] [--isa native|avx2|avx512|CPU]
-                         [--schedule avx2|avx512|sse] [--m 1] [--threads 1] [--kernels path/to/kernels.py]
+                         [--schedule avx2|avx512|sse] [--layout deployed|plain] [--m 1] [--threads 1]
+                         [--kernels path/to/kernels.py]
 
 Shapes (N x K) of the model's linears as the deployed model runs them (fused q/k/v and gate/up): SmolLM2-135M
 (1728x576 qkv, 3072x576 gate_up, 576x1536 down, 576x576 o, 49152x576 tied lm_head) or Llama-2-7B. Each quantized
@@ -19,6 +20,7 @@ CPU time with `--threads 1` is the figure to compare (a time-sliced process lose
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import inspect
 import json
@@ -80,6 +82,9 @@ def main() -> int:
     ap.add_argument("--m", type=int, default=1, help="input rows (1 = decode GEMV)")
     ap.add_argument("--int8-dot", action="store_true",
                     help="also the int8-activation 4-bit GEMV (`compile --int8-dot`), as kind q4i8")
+    ap.add_argument("--layout", choices=["deployed", "plain"], default="deployed",
+                    help="packed layout: as the CPU engine loads it (3-bit g128 row-interleaved, "
+                         "kernels.interleave_for), or MLC's plain [N, words] for every width (3-bit g128 windowed)")
     ap.add_argument("--threads", type=int, default=None, help="TVM_NUM_THREADS (default: as set, else all cores)")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=5)
@@ -92,6 +97,7 @@ def main() -> int:
 
     from mlc_schemes.compile import make_target
     from mlc_schemes.model.isa import BY_NAME, isa_of_target
+    from mlc_schemes.packing import interleave_rows
 
     kern = _load_kernels(args.kernels)
     target, dev = make_target("llvm", isa=args.isa), tvm.cpu()
@@ -116,8 +122,13 @@ def main() -> int:
                                        **isa_kw)
                 ws = _weights(rng, n, k, 4)
             else:
-                f = kern.cpu_matmul_nt(n, k, "float16", "float16", kern.QuantSpec(kind, 128, None), **isa_kw)
+                spec = kern.QuantSpec(kind, 128, None)
                 ws = _weights(rng, n, k, kind)
+                if args.layout == "deployed" and hasattr(kern, "interleave_for"):
+                    spec = dataclasses.replace(spec, interleave=kern.interleave_for(spec, n, sched))
+                if getattr(spec, "interleave", 0):  # 3-bit g128: the row-interleaved layout the engine loads
+                    ws = [interleave_rows(w, spec.interleave) for w in ws]
+                f = kern.cpu_matmul_nt(n, k, "float16", "float16", spec, **isa_kw)
             ex = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=target)
             a = [tvm.runtime.tensor(np.ascontiguousarray(v), dev)
                  for v in [rng.standard_normal((args.m, k)).astype(np.float16), *ws]]
@@ -128,7 +139,7 @@ def main() -> int:
             res[key] = {"wall_us": round(wall, 1), "cpu_us": round(cpu, 1), "gb_per_s": round(nbytes / wall / 1e3, 2)}
             print(f"{key:24s} {wall:10.1f} {cpu:10.1f} {nbytes / wall / 1e3:7.2f}", flush=True)
     out = {"load_1m": os.getloadavg()[0], "mcpu": str(target.attrs["mcpu"]), "schedule": sched.name, "m": args.m,
-           "threads": os.environ.get("TVM_NUM_THREADS"), "results": res}
+           "layout": args.layout, "threads": os.environ.get("TVM_NUM_THREADS"), "results": res}
     print(f"load average {out['load_1m']:.1f}")
     if args.json:
         with open(args.json, "w") as fh:

@@ -156,6 +156,7 @@ class BuiltModule(NamedTuple):
     param_names: list[str]
     param_concat: dict[str, list[str]]
     int8_dot_shapes: list[list[int]]  # distinct [N, K] of the linears that took the int8 decode kernel
+    param_interleave: dict[str, int]  # parameter -> rows per block of its row-interleaved layout (CPU 3-bit g128)
 
 
 def build_module(pm: PackedModel, target, dtype: str, int8_dot: bool = False) -> BuiltModule:
@@ -166,12 +167,18 @@ def build_module(pm: PackedModel, target, dtype: str, int8_dot: bool = False) ->
     that the engine concatenates along axis 0 to make it, int8_dot_shapes: the distinct [N, K] of the linears that took the int8 kernel)."""
     from mlc_schemes.model.isa import isa_of_target, use_isa
 
-    model = build_model(pm, target, dtype)
-    # CPU kernels size their vectors and register tiles for the target's ISA (mlc_schemes.model.isa)
+    # CPU kernels size their vectors and register tiles (and the linears their row interleaving) for the target's
+    # ISA (mlc_schemes.model.isa)
     with use_isa(isa_of_target(target), int8_dot) if target.kind.name == "llvm" else contextlib.nullcontext() as int8_used:
+        model = build_model(pm, target, dtype)
         mod, named_params, _ext = model.export_tvm(spec=model.get_default_spec(), allow_extern=True)
     concat = model.param_concat
-    expected = {name: (tuple(int(x) for x in p.shape), p.dtype) for name, p in named_params}
+    # row-interleaved parameters [N/IL, C, IL] (kernels.QuantSpec.interleave) are stored [N, C]; the engine
+    # interleaves them at load
+    interleave = {name: int(p.shape[2]) for name, p in named_params
+                  if name.endswith(_PACKED_SUFFIXES) and len(p.shape) == 3}
+    expected = {name: ((int(p.shape[0]) * int(p.shape[2]), int(p.shape[1])) if name in interleave else
+                       tuple(int(x) for x in p.shape), p.dtype) for name, p in named_params}
     problems, used = [], set()
     for name, (shape, dt) in expected.items():
         sources = concat.get(name, [name])
@@ -189,7 +196,8 @@ def build_module(pm: PackedModel, target, dtype: str, int8_dot: bool = False) ->
         problems.append(f"unused tensors {extra[:5]}")
     if problems:
         raise UserError(f"packed weights in {pm.path} do not fit the model: " + "; ".join(problems[:6]))
-    return BuiltModule(mod, [name for name, _ in named_params], concat, sorted(map(list, set(int8_used or ()))))
+    return BuiltModule(mod, [name for name, _ in named_params], concat, sorted(map(list, set(int8_used or ()))),
+                       interleave)
 
 
 def _gpu_schedule(mod, target):
@@ -251,7 +259,7 @@ def compile_packed(packed_dir: str | Path, target_kind: str, output: str | Path,
     pm = packed_dir if isinstance(packed_dir, PackedModel) else read_packed_model(packed_dir)
     t0 = time.time()
     _, cfg = model_config(pm)
-    mod, param_names, param_concat, int8_shapes = build_module(pm, target, dtype, int8_dot)
+    mod, param_names, param_concat, int8_shapes, interleave = build_module(pm, target, dtype, int8_dot)
     if target.kind.name != "llvm":
         mod = _gpu_schedule(mod, target)
     ex = tvm.compile(mod, target)
@@ -271,7 +279,7 @@ def compile_packed(packed_dir: str | Path, target_kind: str, output: str | Path,
             "int8_dot_shapes": int8_shapes,
             "model_type": pm.chat.get("model_type"),
             "quantization": pm.chat.get("quantization") if pm.scheme else "none", "param_names": param_names,
-            "param_concat": param_concat,
+            "param_concat": param_concat, "param_interleave": interleave,
             "context_window_size": cfg.context_window_size,
             # at most the sliding window when layers are local (TVM's ragged prefill kernel has no window)
             "prefill_chunk_size": cfg.prefill_chunk_size, "sliding_window": cfg.sliding_window or None,

@@ -9,7 +9,7 @@ q/k/v or gate/up parameter is made of, concatenated along axis 0):
   Its pages belong to the page cache, as llama.cpp's memory-mapped GGUF: read from disk on first use, shared
   between processes, evictable, never a second copy.
 - **copied**: everything else (fused concatenations, misaligned records, CUDA, float16 -> float32 widening in the
-  exact float32 mode) gets one device tensor of its final shape, and each source record is read from its shard
+  exact float32 mode, the CPU kernels' row-interleaved 3-bit g128 linears) gets one device tensor of its final shape, and each source record is read from its shard
   straight into that tensor's slice (CPU: `readinto` its memory; other devices: through one host buffer the size
   of the record). No numpy concatenation, no intermediate array of the whole model.
 
@@ -66,13 +66,34 @@ def _read_into(rec: TensorRecord, dst: memoryview) -> None:
         os.close(fd)
 
 
+def _interleaved(parts: list, shape: tuple, dtype: str, il: int, device):
+    """One [N/IL, C, IL] tensor from sources [rows_i, C] (sum rows_i = N, each a multiple of IL), interleaved
+    part by part into its block range; a mapped record's pages are dropped after its part is copied."""
+    import tvm
+
+    from mlc_schemes.packing import interleave_rows
+
+    if device.dlpack_device_type() != tvm.cpu().dlpack_device_type():
+        raise ValueError("row-interleaved parameters are a CPU layout")
+    dst = tvm.runtime.empty((shape[0] // il, shape[1], il), dtype, device)
+    view, b0 = np.from_dlpack(dst), 0
+    for part in parts:
+        src = _map(part) if isinstance(part, TensorRecord) else np.asarray(part)
+        view[b0: b0 + src.shape[0] // il] = interleave_rows(src, il)
+        b0 += src.shape[0] // il
+        del src
+    return dst
+
+
 def place_params(names: list[str], concat: dict[str, list[str]], sources: dict, device, dtype: str,
-                 zero_copy: bool = True) -> PlacedParams:
+                 zero_copy: bool = True, interleave: dict[str, int] | None = None) -> PlacedParams:
     """Device tensors for `names` from `sources` (name -> TensorRecord or numpy array).
 
     dtype: the library's compute dtype; float16 dense tensors are widened to float32 when it is "float32" (packed
     codes, scales and zeros never change). zero_copy=False copies everything (the reference the tests compare
-    the mapped load against).
+    the mapped load against). interleave: parameter -> IL for the CPU kernels' row-interleaved layout (the
+    library metadata's `param_interleave`): each source [rows, C] goes to its slice of the [N/IL, C, IL] tensor
+    through `packing.interleave_rows` (copied, CPU only).
     """
     import tvm
     import tvm_ffi
@@ -87,6 +108,10 @@ def place_params(names: list[str], concat: dict[str, list[str]], sources: dict, 
         want = "float32" if (stored == "float16" and dtype == "float32"
                              and not name.endswith((".q_scale", ".q_zero"))) else stored
         shape = (sum(int(p.shape[0]) for p in parts), *(int(d) for d in first.shape[1:]))
+        if il := (interleave or {}).get(name):
+            out.tensors.append(_interleaved(parts, shape, stored, il, device))
+            out.copied_bytes += int(np.prod(shape)) * np.dtype(stored).itemsize
+            continue
         if zero_copy and cpu and len(parts) == 1 and want == stored:
             arr = _map(first) if isinstance(first, TensorRecord) else np.ascontiguousarray(first)
             if arr.ctypes.data % ALIGN == 0:

@@ -253,7 +253,7 @@ class Engine:
             if verify:
                 verify_shards(pm.path, shards)
         placed = place_params(self.meta["param_names"], self.meta.get("param_concat") or {}, params, self.device,
-                              self.dtype, zero_copy=zero_copy)
+                              self.dtype, zero_copy=zero_copy, interleave=self.meta.get("param_interleave"))
         self.params = placed.tensors
         del params
         self.memory = {"rss_at_start_mib": rss_start, "runtime_mib": rss_runtime,

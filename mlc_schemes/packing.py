@@ -61,6 +61,15 @@ def unpack_codes(q_weight: np.ndarray, bits: int, k: int) -> np.ndarray:
     return codes.reshape(n, words * epw)[:, :k].astype(np.int32)
 
 
+def interleave_rows(a: np.ndarray, rows: int) -> np.ndarray:
+    """`[N, C]` -> `[N / rows, C, rows]`, element `[b, c, l] = a[b * rows + l, c]`: the CPU kernels' row-interleaved
+    layout of q_weight / q_scale / q_zero (`kernels.QuantSpec.interleave`), made at load, never stored."""
+    a = np.asarray(a)
+    if a.ndim != 2 or a.shape[0] % rows:
+        raise ValueError(f"cannot interleave a {a.shape} array in blocks of {rows} rows")
+    return np.ascontiguousarray(a.reshape(a.shape[0] // rows, rows, a.shape[1]).transpose(0, 2, 1))
+
+
 def expand_groups(per_group: np.ndarray, k: int, group_width: int) -> np.ndarray:
     """`[N, G]` per-group values -> `[N, k]`, column `k` taking group `k // group_width` (last group partial)."""
     return np.repeat(per_group, group_width, axis=1)[:, :k]

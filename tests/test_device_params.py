@@ -104,3 +104,24 @@ def test_mapped_load_equals_the_records(tmp_path, dtype):
         got = t.numpy()
         assert got.dtype == ref[n].dtype
         np.testing.assert_array_equal(got, ref[n])
+
+
+@pytest.mark.parametrize("zero_copy", [True, False])
+def test_interleaved_parameters_are_the_records_rows_interleaved(tmp_path, zero_copy):
+    """A `param_interleave` parameter (CPU 3-bit g128 linears) is the concatenation of its records laid out by
+    `packing.interleave_rows` (element [b, c, l] = row b * IL + l), part by part; always copied, never mapped."""
+    import tvm
+
+    names, concat = _write(tmp_path, layers=1)
+    records, _, _ = tensor_records(tmp_path)
+    interleave = {"l0.qkv_proj.q_weight": 8, "l0.o_proj.q_scale": 16}
+    placed = place_params(names, concat, records, tvm.cpu(), "float16", zero_copy=zero_copy, interleave=interleave)
+    assert not set(placed.mapped) & set(interleave)
+    ref = _reference(tmp_path, names, concat, "float16")
+    for n, t in zip(names, placed.tensors):
+        want = ref[n]
+        if n in interleave:
+            il = interleave[n]
+            want = np.stack([want[b * il: (b + 1) * il].T for b in range(want.shape[0] // il)])
+        np.testing.assert_array_equal(t.numpy(), want)
+    assert placed.total_bytes == sum(ref[n].nbytes for n in names)

@@ -44,6 +44,13 @@ def llama_w3(tmp_path_factory):
     return _chain(tmp_path_factory.mktemp("tvm_llama"), "llama", "w3a16g128asym", wbits=3, group_size=128, epochs=1)
 
 
+@pytest.fixture(scope="module")
+def llama_w4(tmp_path_factory):
+    """Llama tiny, RTN w4a16g128asym: groups of whole words, so every packed linear keeps MLC's layout on CPU."""
+    return _chain(tmp_path_factory.mktemp("tvm_llama_w4"), "llama", "w4a16g128asym", wbits=4, group_size=128,
+                  epochs=0, lwc=False)
+
+
 def _torch_model(fq_dir, packed_dir, round_dense=True):
     from transformers import AutoModelForCausalLM
 
@@ -314,36 +321,43 @@ def _misalign_first_shard(packed, out):
     return out
 
 
-def test_zero_copy_load_equals_copy_load(llama_w3, tmp_path):
+@pytest.mark.parametrize("chain", ["llama_w4", "llama_w3"])
+def test_zero_copy_load_equals_copy_load(chain, request, tmp_path):
     """Parameters mapped from the shards (zero-copy views) give the same logits, bit for bit, as parameters
-    copied into fresh tensors; misaligned records fall back to copies and give them too."""
+    copied into fresh tensors; misaligned records fall back to copies and give them too. W3 g128: the CPU
+    library's row-interleaved linears (`param_interleave`) are always copied."""
     import tvm_ffi
 
     from mlc_schemes.engine import Engine
 
-    lib = llama_w3 / "lib32.so"
+    root = request.getfixturevalue(chain)
+    lib = root / "lib32.so"
     ids = list(range(3, 45))
-    copied = Engine(llama_w3 / "packed", lib, zero_copy=False)
-    mapped = Engine(llama_w3 / "packed", lib)
+    copied = Engine(root / "packed", lib, zero_copy=False)
+    mapped = Engine(root / "packed", lib)
     assert copied.memory["weights_mapped_mib"] == 0
     # mapped: exactly the unfused, 64-byte aligned records the library takes as stored (in this float32 library the
     # packed codes / scales / zeros; float16 dense tensors are widened, fused q/k/v and gate/up concatenated)
-    index = json.loads((llama_w3 / "packed" / "tensor-cache.json").read_text())
+    index = json.loads((root / "packed" / "tensor-cache.json").read_text())
     records = {r["name"]: r for shard in index["records"] for r in shard["records"]}
-    concat = mapped.meta["param_concat"]
+    concat, interleaved = mapped.meta["param_concat"], mapped.meta["param_interleave"]
+    assert bool(interleaved) == (chain == "llama_w3")
     expect = sum(records[n]["nbytes"] for n in mapped.meta["param_names"]
-                 if n not in concat and n.endswith((".q_weight", ".q_scale", ".q_zero"))
+                 if n not in concat and n not in interleaved and n.endswith((".q_weight", ".q_scale", ".q_zero"))
                  and records[n]["byteOffset"] % 64 == 0)
-    assert expect > 0 and mapped.memory["weights_mapped_mib"] * 2**20 == expect
+    assert mapped.memory["weights_mapped_mib"] * 2**20 == expect
     assert mapped.memory["weights_mib"] == copied.memory["weights_mib"]
-    # a mapped parameter is a view of the file: its bytes are the record's, its memory not a TVM allocation
-    name = next(n for n in mapped.meta["param_names"] if n.endswith("o_proj.q_weight"))
-    t = mapped.params[mapped.meta["param_names"].index(name)]
-    assert isinstance(t, tvm_ffi.Tensor) and t.data_ptr() % 64 == 0
     ref = copied.prefill(ids, all_logits=True)
     np.testing.assert_array_equal(mapped.prefill(ids, all_logits=True), ref)
     np.testing.assert_array_equal(mapped.decode(7), copied.decode(7))
-    shifted = Engine(_misalign_first_shard(llama_w3 / "packed", tmp_path / "shifted"), lib)
+    if interleaved:  # W3 g128: the linears' records are copied (the mapped total above leaves them out)
+        return
+    # a mapped parameter is a view of the file: its bytes are the record's, its memory not a TVM allocation
+    assert expect > 0
+    name = next(n for n in mapped.meta["param_names"] if n.endswith("o_proj.q_weight"))
+    t = mapped.params[mapped.meta["param_names"].index(name)]
+    assert isinstance(t, tvm_ffi.Tensor) and t.data_ptr() % 64 == 0
+    shifted = Engine(_misalign_first_shard(root / "packed", tmp_path / "shifted"), lib)
     assert shifted.memory["weights_mapped_mib"] < mapped.memory["weights_mapped_mib"]  # first shard's records copied
     np.testing.assert_array_equal(shifted.prefill(ids, all_logits=True), ref)
 

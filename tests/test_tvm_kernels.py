@@ -93,3 +93,52 @@ def test_quant_matmul_schedules_for_each_isa(isa, bits, k, m):
     func = cpu_matmul_nt(n, k, "float32", "float32", QuantSpec(bits, gw, None), isa=BY_NAME[isa])
     out = _run(func, [x, pack_codes(codes, bits), scale, zero], m, n, "float32")
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("isa_name", ["avx2", "avx512"])
+@pytest.mark.parametrize("k,n", [(192, 48), (576, 96), (1408, 160)])  # K: a partial last group; SmolLM2's K (tail of
+#   57.6 words); two 640-column periods + a 128-column tail. N: blocks of 6, 4, 2 or 1 vectors of 8 / 16 rows
+@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("fixed_zero", [None, 3])
+def test_row_interleaved_3bit_g128_matches_numpy(isa_name, k, n, m, fixed_zero):
+    """3-bit g128 on the row-interleaved layout (`packing.interleave_rows`, blocks of `interleave_for` rows): GEMV
+    (groups starting mid-word, lane = row) and blocked GEMM against float64."""
+    from mlc_schemes.model.isa import BY_NAME
+    from mlc_schemes.model.kernels import interleave_for
+    from mlc_schemes.packing import interleave_rows
+
+    isa = BY_NAME[isa_name]
+    rng = np.random.default_rng(k + n + m + isa.lanes)
+    groups = math.ceil(k / 128)
+    qmax = 7 if fixed_zero is None else 2 * fixed_zero
+    codes = rng.integers(0, qmax + 1, (n, k))
+    scale = (rng.random((n, groups)) * 0.05 + 0.01).astype(np.float16)
+    zero = rng.integers(0, qmax + 1, (n, groups)).astype(np.float16) if fixed_zero is None else None
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    g = np.arange(k) // 128
+    z64 = zero.astype(np.float64)[:, g] if zero is not None else float(fixed_zero)
+    ref = x.astype(np.float64) @ ((codes - z64) * scale.astype(np.float64)[:, g]).T
+    block = interleave_for(QuantSpec(3, 128, fixed_zero), n, isa)
+    assert block % isa.lanes == 0 and n % block == 0
+    func = cpu_matmul_nt(n, k, "float32", "float32", QuantSpec(3, 128, fixed_zero, interleave=block), isa=isa)
+    args = [x, interleave_rows(pack_codes(codes, 3), block), interleave_rows(scale, block)] + (
+        [interleave_rows(zero, block)] if zero is not None else [])
+    out = _run(func, args, m, n, "float32")
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_interleave_rows_layout():
+    from mlc_schemes.model.isa import AVX2, AVX512
+    from mlc_schemes.model.kernels import interleave_for
+    from mlc_schemes.packing import interleave_rows
+
+    a = np.arange(6 * 3).reshape(6, 3)
+    b = interleave_rows(a, 2)
+    assert b.shape == (3, 3, 2) and b[1, 2, 0] == a[2, 2] and b[1, 2, 1] == a[3, 2]
+    with pytest.raises(ValueError, match="blocks of 4 rows"):
+        interleave_rows(a, 4)
+    assert interleave_for(QuantSpec(3, 128, None), 96, AVX2) == 48  # 6 vectors of 8 rows
+    assert interleave_for(QuantSpec(3, 128, None), 4096, AVX512) == 64  # 6 x 16 does not divide 4096: 4 x 16
+    assert interleave_for(QuantSpec(4, 128, None), 64, AVX2) == 0  # groups of whole words: MLC's layout
+    assert interleave_for(QuantSpec(3, 128, None), 60, AVX2) == 0  # N not a multiple of the lanes
+    assert interleave_for(QuantSpec(3, 40, 3), 64, AVX2) == 0  # q3f16_1: groups of whole words

@@ -17,7 +17,8 @@ def test_random_smollm2_fits_the_model(scheme, embedding):
     pm, params = random_packed_model("smollm2-135m", scheme, embedding_scheme=embedding)
     assert ("model.embed_tokens.q_weight" in params) == (embedding is not None)
     assert {n: (a.shape, str(a.dtype)) for n, a in params.items()} == pm.records
-    _, names, concat, _ = build_module(pm, make_target("llvm"), "float16")  # raises if a name/shape/dtype does not fit
+    built = build_module(pm, make_target("llvm"), "float16")  # raises if a name/shape/dtype does not fit
+    names, concat = built.param_names, built.param_concat
     assert sorted(src for n in names for src in concat.get(n, [n])) == sorted(params)  # every tensor used once
     assert "model.layers.0.self_attn.qkv_proj.q_weight" in names or scheme == "none"
     pm2, none = random_packed_model("smollm2-135m", scheme, materialize=False, embedding_scheme=embedding)
@@ -25,6 +26,8 @@ def test_random_smollm2_fits_the_model(scheme, embedding):
     if scheme == "w3a16g128asym":  # 3-bit words keep their two pad bits zero (10 codes use bits 0..29)
         qw = params["model.layers.0.mlp.up_proj.q_weight"]
         assert not np.any(qw >> np.uint32(30))
+        # its linears are row-interleaved for the CPU kernels (the embedding is not quantized here)
+        assert set(built.param_interleave) == {n for n in names if n.endswith((".q_weight", ".q_scale", ".q_zero"))}
 
 
 def test_random_weights_written_as_a_packed_dir(tmp_path, monkeypatch):

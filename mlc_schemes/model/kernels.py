@@ -10,7 +10,8 @@ Two weight sources share one kernel shape:
 CPU (llvm): hand-written TIR, two paths chosen at run time on M:
 
 - M = 1 (decode), the GEMV that dominates a decode step: `_gemv_quant` (or, opt-in for 4-bit, the int8-activation
-  `gemv_int8.gemv_int8`) works on raw packed words (one contiguous
+  `gemv_int8.gemv_int8`; for groups starting mid-word, 3-bit g128, `gemv_interleaved` on rows interleaved at load,
+  `QuantSpec.interleave`) works on raw packed words (one contiguous
   vector load of words per row, each code isolated by a single AND with its in-word mask and converted, x
   pre-transposed and pre-scaled once per call so the FMA operand is contiguous), applies scale / zero once per
   group, and runs ROWS rows per step with independent accumulators; `_cpu_dense` M = 1 converts x to float32 once
@@ -38,6 +39,7 @@ from tvm import te, tirx
 from tvm.script import tirx as T
 
 from mlc_schemes.model import gemv_int8
+from mlc_schemes.model.gemv_interleaved import gemv_interleaved
 from mlc_schemes.model.isa import CpuIsa, current_int8_dot, current_isa, record_int8_dot
 
 
@@ -48,6 +50,9 @@ class QuantSpec:
     bits: int
     group_width: int
     fixed_zero: int | None  # None -> a float16 zero tensor is passed
+    # 0: MLC's layout, q_weight [N, words], q_scale / q_zero [N, G]; B > 0: rows interleaved in blocks of B
+    # (`packing.interleave_rows`: [N/B, words, B], [N/B, G, B]) for `gemv_interleaved` (CPU, `interleave_for`)
+    interleave: int = 0
 
     @property
     def epw(self) -> int:
@@ -56,6 +61,21 @@ class QuantSpec:
     @property
     def mask(self) -> int:
         return (1 << self.bits) - 1
+
+
+# Row vectors per interleaved block, preferred first: 6 accumulator chains + 6 group sums fit AVX2's 16 registers.
+# Per call on SmolLM2's 3-bit g128 shapes, 1 thread (bench/README.md, "3-bit GEMV on row-interleaved weights"):
+# on AVX2 6 took 0.77-0.90x the time of 4 and 0.86-0.95x that of 8; on AVX-512 4, 6 and 8 were within noise.
+INTERLEAVE_VECTORS = (6, 4, 2, 1)
+
+
+def interleave_for(quant: QuantSpec, n: int, isa: CpuIsa) -> int:
+    """Rows per interleaved block for a CPU linear of N = n rows with `quant`, where groups start mid-word (3-bit
+    g128, where MLC's layout needs `_gemv_quant_window`): RV * lanes for the first RV of INTERLEAVE_VECTORS whose
+    block divides N; 0 (MLC's layout) for whole-word groups or an N no block divides."""
+    if quant.group_width % quant.epw == 0:
+        return 0
+    return next((rv * isa.lanes for rv in INTERLEAVE_VECTORS if n % (rv * isa.lanes) == 0), 0)
 
 
 ROWS = 4  # output rows per parallel task in the M = 1 kernels: x vectors are loaded once for 4 rows, and 4
@@ -91,6 +111,20 @@ def _pow2_lanes(count: int, cap: int) -> int:
     while lanes < cap and count % (lanes * 2) == 0:
         lanes *= 2
     return lanes
+
+
+def _group_sums(k: int, gw: int, groups: int):
+    """TIR macro `(x[1, K], xs[G])`: xs[g] = float32 sum of x over group g (what the zero point multiplies in the
+    M = 1 kernels' `scale * (sum code * x - zero * xs)`)."""
+
+    @T.macro
+    def sums(x, xs):
+        for g in range(groups):
+            xs[g] = T.float32(0)
+            for kk in range(T.min(gw, k - g * gw)):
+                xs[g] = xs[g] + T.Cast("float32", x[0, g * gw + kk])
+
+    return sums
 
 
 GEMM_MC = 128  # input rows per chunk: the float32 copy of a chunk of x stays in L2 while every weight block passes
@@ -160,9 +194,10 @@ def cpu_matmul_nt(n: int, k: int, x_dtype: str, out_dtype: str, quant: QuantSpec
                   isa: CpuIsa | None = None, int8_dot: bool | None = None):
     """TIR PrimFunc `(x[M, K], <weight args>, y[M, N])`, M symbolic; `y = x @ W^T` accumulated in float32.
 
-    Weight args: quantized -> q_weight uint32 [N, ceil(K/epw)], q_scale float16 [N, G] (+ q_zero float16 [N, G]);
-    dense -> weight `w_dtype` [N, K]. M = 1 (decode) takes a GEMV path (`_gemv_quant`, `_gemv_quant_window`, the
-    M = 1 branch of `_cpu_dense`), M > 1 the blocked GEMM of `_gemm` (weight rows decoded once to float32).
+    Weight args: quantized -> q_weight uint32 [N, ceil(K/epw)], q_scale float16 [N, G] (+ q_zero float16 [N, G]),
+    or [N/B, ., B] each with `quant.interleave` = B; dense -> weight `w_dtype` [N, K]. M = 1 (decode) takes a
+    GEMV path (`_gemv_quant`, `gemv_interleaved`, `_gemv_quant_window`, the M = 1 branch of `_cpu_dense`), M > 1
+    the blocked GEMM of `_gemm` (weight rows decoded once to float32).
     Vectors and tiles are sized for `isa` (default: `isa.current_isa()`). `int8_dot` (default:
     `isa.current_int8_dot()`) sends eligible 4-bit decode GEMVs to `gemv_int8` (int8 activations, not exact).
     """
@@ -182,18 +217,21 @@ def _cpu_matmul_nt(n, k, x_dtype, out_dtype, quant, w_dtype, isa: CpuIsa, int8_d
     words = math.ceil(k / epw)
     groups = math.ceil(k / gw)
     row = words * epw  # decoded row length (padding codes decoded too, never read by the dot)
-    mask = quant.mask
+    mask, il = quant.mask, quant.interleave
     # The plain GEMV path needs groups made of whole words (4-bit g32/g128, 3-bit g40, 2-bit g64 ...).
-    # Other groups (3-bit g128) take the windowed variant, which reads a few words twice.
+    # Other groups (3-bit g128) take the row-interleaved layout's GEMV, or on MLC's layout the windowed variant,
+    # which reads a few words twice.
     if int8_dot:
         gemv = gemv_int8.gemv_int8(n, k, quant, out_dtype, TASKS)
+    elif il:
+        gemv = gemv_interleaved(n, k, quant, out_dtype, TASKS, isa.lanes)
     elif gw % epw == 0:
         gemv = _gemv_quant(n, k, quant, x_dtype, out_dtype, isa)
     else:
         gemv = _gemv_quant_window(n, k, quant, out_dtype, isa)  # None when K is smaller than one window
     fast = gemv is not None
 
-    if gw % epw == 0:  # permuted layout: vector decode, l = e * words + w holds code e of word w
+    if gw % epw == 0 and not il:  # permuted layout: vector decode, l = e * words + w holds code e of word w
         wpg = gw // epw
         gfull, wlast = k // gw, words - (k // gw) * wpg
         vw, vt = _pow2_lanes(wpg, isa.lanes), _pow2_lanes(wlast, isa.lanes) if wlast else 1
@@ -219,7 +257,19 @@ def _cpu_matmul_nt(n, k, x_dtype, out_dtype, quant, w_dtype, isa: CpuIsa, int8_d
                         buf[r, e * words + gfull * wpg + wb * vt + j] = (
                             code(qw, nn, gfull * wpg + wb * vt + j, e) - zero(nn, groups - 1)
                         ) * T.Cast("float32", s[nn, groups - 1])
-    else:  # natural layout, scalar decode (groups starting mid-word, e.g. 3-bit g128)
+    else:  # natural column order, scalar decode (groups starting mid-word, e.g. 3-bit g128), MLC's or interleaved rows
+        if il:
+            def word_of(qw, nn, w):
+                return qw[nn // il, w, nn % il]
+
+            def scale_of(s, nn, g):
+                return T.Cast("float32", s[nn // il, g, nn % il])
+        else:
+            def word_of(qw, nn, w):
+                return qw[nn, w]
+
+            def scale_of(s, nn, g):
+                return T.Cast("float32", s[nn, g])
 
         def load_x(x, m, l):
             return T.if_then_else(l < k, T.Cast("float32", x[m, T.min(l, k - 1)]), T.float32(0))
@@ -229,39 +279,51 @@ def _cpu_matmul_nt(n, k, x_dtype, out_dtype, quant, w_dtype, isa: CpuIsa, int8_d
             for w in range(words):
                 for e in T.unroll(epw):
                     g: T.let = T.min((w * epw + e) // gw, groups - 1)
-                    buf[r, w * epw + e] = (T.Cast("float32", T.Cast("int32", T.shift_right(qw[nn, w], T.uint32(e * bits))
-                                                                   & T.uint32(mask))) - zero(nn, g)) * T.Cast("float32", s[nn, g])
+                    buf[r, w * epw + e] = (T.Cast("float32", T.Cast("int32", T.shift_right(
+                        word_of(qw, nn, w), T.uint32(e * bits)) & T.uint32(mask))) - zero(nn, g)) * scale_of(s, nn, g)
 
     gemm = _gemm(n, row, out_dtype, load_x, decode_row, isa)
+    wshape, sshape = ((n // il, words, il), (n // il, groups, il)) if il else ((n, words), (n, groups))
 
     if quant.fixed_zero is None:
+        if il:  # zero(b, g, l) for the GEMV, zero(row, g) for the GEMM's row decode
+            def gemv_zero(z):
+                return lambda b, g, lane: T.Cast("float32", z[b, g, lane])
+
+            def row_zero(z):
+                return lambda nn, g: T.Cast("float32", z[nn // il, g, nn % il])
+        else:
+            def gemv_zero(z):
+                return lambda nn, g: T.Cast("float32", z[nn, g])
+
+            row_zero = gemv_zero
 
         @T.prim_func(private=True)
-        def qmm_asym(x_h: T.handle, qw: T.Buffer((n, words), "uint32"), s: T.Buffer((n, groups), "float16"),
-                     z: T.Buffer((n, groups), "float16"), y_h: T.handle):
+        def qmm_asym(x_h: T.handle, qw: T.Buffer(wshape, "uint32"), s: T.Buffer(sshape, "float16"),
+                     z: T.Buffer(sshape, "float16"), y_h: T.handle):
             T.func_attr({"tirx.noalias": True, "op_pattern": 8})
             m_len = T.int64()
             x = T.match_buffer(x_h, (m_len, k), x_dtype)
             y = T.match_buffer(y_h, (m_len, n), out_dtype)
             if fast and m_len == 1:
-                gemv(x, qw, s, lambda a, b: T.Cast("float32", z[a, b]), y)
+                gemv(x, qw, s, gemv_zero(z), y)
             else:
-                gemm(x, y, m_len, qw, s, lambda a, b: T.Cast("float32", z[a, b]))
+                gemm(x, y, m_len, qw, s, row_zero(z))
 
         return qmm_asym
 
     zc = float(quant.fixed_zero)
 
     @T.prim_func(private=True)
-    def qmm_sym(x_h: T.handle, qw: T.Buffer((n, words), "uint32"), s: T.Buffer((n, groups), "float16"), y_h: T.handle):
+    def qmm_sym(x_h: T.handle, qw: T.Buffer(wshape, "uint32"), s: T.Buffer(sshape, "float16"), y_h: T.handle):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
         m_len = T.int64()
         x = T.match_buffer(x_h, (m_len, k), x_dtype)
         y = T.match_buffer(y_h, (m_len, n), out_dtype)
         if fast and m_len == 1:
-            gemv(x, qw, s, lambda a, b: T.float32(zc), y)
+            gemv(x, qw, s, lambda *_: T.float32(zc), y)
         else:
-            gemm(x, y, m_len, qw, s, lambda a, b: T.float32(zc))
+            gemm(x, y, m_len, qw, s, lambda *_: T.float32(zc))
 
     return qmm_sym
 
@@ -316,6 +378,7 @@ def _gemv_quant(n: int, k: int, quant: QuantSpec, x_dtype: str, out_dtype: str, 
     ntask = math.ceil(nblk / per_task)
     hs_w, hs_t = _hsum(vw), _hsum(vt)
     prefetch = _prefetch_rows(n, words)
+    group_sums = _group_sums(k, gw, groups)
 
     @T.macro
     def gemv(x, qw, s, zero, y):
@@ -325,10 +388,7 @@ def _gemv_quant(n: int, k: int, quant: QuantSpec, x_dtype: str, out_dtype: str, 
             # pairs with the in-place code below (exact power-of-two scaling)
             xt[e, w] = T.if_then_else(w * epw + e < k, T.Cast("float32", x[0, T.min(w * epw + e, k - 1)]),
                                       T.float32(0)) * _in_place_scale(e, bits)
-        for g in range(groups):
-            xs[g] = T.float32(0)
-            for kk in range(T.min(gw, k - g * gw)):
-                xs[g] = xs[g] + T.Cast("float32", x[0, g * gw + kk])
+        group_sums(x, xs)
         for t in T.parallel(ntask):
             # Per-task (not per-block) scratch: TVM allocates buffers declared in a parallel body through
             # TVMBackendAllocWorkspace on every iteration, which cost as much as the math for small K.
@@ -408,6 +468,7 @@ def _gemv_quant_window(n: int, k: int, quant: QuantSpec, out_dtype: str, isa: Cp
     ntask = math.ceil(nblk / per_task)
     hs_w = _hsum(vw)
     prefetch = _prefetch_rows(n, words)
+    group_sums = _group_sums(k, gw, groups)
 
     @T.macro
     def gemv(x, qw, s, zero, y):
@@ -419,10 +480,7 @@ def _gemv_quant_window(n: int, k: int, quant: QuantSpec, out_dtype: str, isa: Cp
                 and T.min(g * gw // epw, words - win) * epw + j * epw + e < T.min(g * gw + gw, k),
                 T.Cast("float32", x[0, T.min(T.min(g * gw // epw, words - win) * epw + j * epw + e, k - 1)]),
                 T.float32(0)) * _in_place_scale(e, bits)
-        for g in range(groups):
-            xs[g] = T.float32(0)
-            for kk in range(T.min(gw, k - g * gw)):
-                xs[g] = xs[g] + T.Cast("float32", x[0, g * gw + kk])
+        group_sums(x, xs)
         for t in T.parallel(ntask):
             acc = T.decl_buffer((R, vw), "float32")  # per task: see _gemv_quant
             gacc = T.decl_buffer((R, vw), "float32")

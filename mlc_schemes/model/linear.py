@@ -1,20 +1,29 @@
 """Linear layers of the deployed model, `relax.frontend.nn` modules with HF parameter names.
 
 `QuantLinear` holds the packed tensors of docs/formats.md §2 (`q_weight` uint32 [N, ceil(K/epw)], `q_scale`
-float16 [N, G], `q_zero` float16 [N, G] for asymmetric kinds); its bit width, group width and zero handling come
-from the scheme (`mlc_schemes.schemes`), never from constants. `DenseLinear` holds a plain `weight` [N, K].
+float16 [N, G], `q_zero` float16 [N, G] for asymmetric kinds; on CPU, 3-bit g128 linears hold them row-interleaved,
+`packing.interleave_rows`, made by the engine at load: `param_interleave` in the library metadata); its bit width,
+group width and zero handling come from the scheme (`mlc_schemes.schemes`), never from constants. `DenseLinear` holds a plain `weight` [N, K].
 Both call the kernels of `mlc_schemes.model.kernels` (float32 accumulation) and add an optional bias.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from tvm import te
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
-from mlc_schemes.model.kernels import QuantSpec, cpu_matmul_nt, te_dequant, te_matmul_nt
+from mlc_schemes.model.isa import current_isa
+from mlc_schemes.model.kernels import (
+    QuantSpec,
+    cpu_matmul_nt,
+    interleave_for,
+    te_dequant,
+    te_matmul_nt,
+)
 
 
 def quant_spec_for(scheme, in_features: int) -> QuantSpec:
@@ -60,13 +69,18 @@ class _PackedWeight:
     """Mixin: packed parameters of a [rows, cols] weight, `q_weight` uint32 [rows, ceil(cols/epw)], `q_scale`
     float16 [rows, G] and `q_zero` float16 [rows, G] when the scheme stores zeros."""
 
-    def _init_packed(self, rows: int, cols: int, scheme) -> None:
-        self.spec = quant_spec_for(scheme, cols)
-        words = math.ceil(cols / self.spec.epw)
-        groups = math.ceil(cols / self.spec.group_width)
-        self.q_weight = nn.Parameter((rows, words), "uint32")
-        self.q_scale = nn.Parameter((rows, groups), "float16")
-        self.q_zero = nn.Parameter((rows, groups), "float16") if self.spec.fixed_zero is None else None
+    def _init_packed(self, rows: int, cols: int, scheme, interleave: bool = False) -> None:
+        """interleave: CPU linears take the row-interleaved layout where `kernels.interleave_for` gives one for
+        the ISA being built (`isa.current_isa()`): [rows/IL, words, IL], [rows/IL, G, IL], made at load."""
+        spec = quant_spec_for(scheme, cols)
+        il = interleave_for(spec, rows, current_isa()) if interleave else 0
+        self.spec = dataclasses.replace(spec, interleave=il)
+        words = math.ceil(cols / spec.epw)
+        groups = math.ceil(cols / spec.group_width)
+        wshape, sshape = ((rows // il, words, il), (rows // il, groups, il)) if il else ((rows, words), (rows, groups))
+        self.q_weight = nn.Parameter(wshape, "uint32")
+        self.q_scale = nn.Parameter(sshape, "float16")
+        self.q_zero = nn.Parameter(sshape, "float16") if spec.fixed_zero is None else None
 
     def _weights(self) -> list[nn.Tensor]:
         return [self.q_weight, self.q_scale] + ([self.q_zero] if self.q_zero is not None else [])
@@ -77,7 +91,7 @@ class QuantLinear(_PackedWeight, _LinearBase):
 
     def __init__(self, in_features, out_features, scheme, bias=False, dtype="float16", backend="cpu"):
         super().__init__(in_features, out_features, bias, dtype, backend)
-        self._init_packed(out_features, in_features, scheme)
+        self._init_packed(out_features, in_features, scheme, interleave=backend == "cpu")
 
     def _quant(self):
         return self.spec
