@@ -67,8 +67,9 @@ def _read_into(rec: TensorRecord, dst: memoryview) -> None:
 
 
 def _interleaved(parts: list, shape: tuple, dtype: str, il: int, device):
-    """One [N/IL, C, IL] tensor from sources [rows_i, C] (sum rows_i = N, each a multiple of IL), interleaved
-    part by part into its block range; a mapped record's pages are dropped after its part is copied."""
+    """One [N/IL, C, IL] tensor from sources [rows_i, C] concatenated along rows (sum rows_i = N, a multiple of
+    IL; a block may span two sources: a fused q/k/v of 3 x 4096 rows in blocks of 96), interleaved through
+    windows of whole blocks (about 4 MiB of rows each), so no copy of the whole concatenation is made."""
     import tvm
 
     from mlc_schemes.packing import interleave_rows
@@ -76,12 +77,14 @@ def _interleaved(parts: list, shape: tuple, dtype: str, il: int, device):
     if device.dlpack_device_type() != tvm.cpu().dlpack_device_type():
         raise ValueError("row-interleaved parameters are a CPU layout")
     dst = tvm.runtime.empty((shape[0] // il, shape[1], il), dtype, device)
-    view, b0 = np.from_dlpack(dst), 0
-    for part in parts:
-        src = _map(part) if isinstance(part, TensorRecord) else np.asarray(part)
-        view[b0: b0 + src.shape[0] // il] = interleave_rows(src, il)
-        b0 += src.shape[0] // il
-        del src
+    view = np.from_dlpack(dst)
+    srcs = [_map(p) if isinstance(p, TensorRecord) else np.asarray(p) for p in parts]
+    starts = np.cumsum([0] + [len(a) for a in srcs])[:-1]
+    step = il * max(1, (4 << 20) // (il * shape[1] * np.dtype(dtype).itemsize))
+    for r0 in range(0, shape[0], step):
+        r1 = min(r0 + step, shape[0])
+        rows = np.concatenate([a[max(r0 - a0, 0): max(min(r1 - a0, len(a)), 0)] for a, a0 in zip(srcs, starts)])
+        view[r0 // il: r1 // il] = interleave_rows(rows, il)
     return dst
 
 

@@ -109,12 +109,13 @@ def test_mapped_load_equals_the_records(tmp_path, dtype):
 @pytest.mark.parametrize("zero_copy", [True, False])
 def test_interleaved_parameters_are_the_records_rows_interleaved(tmp_path, zero_copy):
     """A `param_interleave` parameter (CPU 3-bit g128 linears) is the concatenation of its records laid out by
-    `packing.interleave_rows` (element [b, c, l] = row b * IL + l), part by part; always copied, never mapped."""
+    `packing.interleave_rows` (element [b, c, l] = row b * IL + l); always copied, never mapped. The fused q/k/v
+    (512 + 128 + 128 rows) in blocks of 96: blocks span two records, as Llama-2-7B's 3 x 4096 rows do."""
     import tvm
 
     names, concat = _write(tmp_path, layers=1)
     records, _, _ = tensor_records(tmp_path)
-    interleave = {"l0.qkv_proj.q_weight": 8, "l0.o_proj.q_scale": 16}
+    interleave = {"l0.qkv_proj.q_weight": 96, "l0.o_proj.q_scale": 16}
     placed = place_params(names, concat, records, tvm.cpu(), "float16", zero_copy=zero_copy, interleave=interleave)
     assert not set(placed.mapped) & set(interleave)
     ref = _reference(tmp_path, names, concat, "float16")
