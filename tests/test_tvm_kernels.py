@@ -96,8 +96,9 @@ def test_quant_matmul_schedules_for_each_isa(isa, bits, k, m):
 
 
 @pytest.mark.parametrize("isa_name", ["avx2", "avx512"])
-@pytest.mark.parametrize("k,n", [(192, 48), (576, 96), (1408, 160)])  # K: a partial last group; SmolLM2's K (tail of
-#   57.6 words); two 640-column periods + a 128-column tail. N: blocks of 6, 4, 2 or 1 vectors of 8 / 16 rows
+@pytest.mark.parametrize("k,n", [(192, 48), (576, 96), (1408, 160), (389, 48)])  # K: a partial last group;
+#   SmolLM2's K (tail of 57.6 words); two 640-column periods + a 128-column tail; a last group of 5 columns inside
+#   one word. N: blocks of 6, 4, 2 or 1 vectors of 8 / 16 rows
 @pytest.mark.parametrize("m", [1, 5])
 @pytest.mark.parametrize("fixed_zero", [None, 3])
 def test_row_interleaved_3bit_g128_matches_numpy(isa_name, k, n, m, fixed_zero):

@@ -64,16 +64,17 @@ def gemv_interleaved(n: int, k: int, quant, out_dtype: str, tasks: int, lanes: i
                 for j in T.vectorized(il):
                     gacc[r, j] = T.float32(0)
             # group gl = columns [c0, c1): codes c0 % epw.. of a head word shared with the previous group, whole
-            # words (a loop), codes ..c1 % epw of a tail word shared with the next; bounds constant once unrolled
+            # words (a loop), codes ..c1 % epw of a tail word shared with the next (unless the group ends inside
+            # its head word: a last group shorter than a word); bounds constant once unrolled
             if (gl * gw) % epw > 0:
                 for e in T.unroll(epw):
-                    if e >= (gl * gw) % epw:
+                    if e >= (gl * gw) % epw and (gl * gw) // epw * epw + e < T.min(gl * gw + gw, ncols):
                         code_fma(qw, xt, gacc, nb, w0 + (gl * gw) // epw, e)
             for w in range((gl * gw + epw - 1) // epw, T.min(gl * gw + gw, ncols) // epw):
                 prefetch_next(qw, nb, w0 + w)
                 for e in T.unroll(epw):
                     code_fma(qw, xt, gacc, nb, w0 + w, e)
-            if T.min(gl * gw + gw, ncols) % epw > 0:
+            if T.min(gl * gw + gw, ncols) % epw > 0 and T.min(gl * gw + gw, ncols) // epw >= (gl * gw + epw - 1) // epw:
                 prefetch_next(qw, nb, w0 + T.min(gl * gw + gw, ncols) // epw)
                 for e in T.unroll(epw):
                     if e < T.min(gl * gw + gw, ncols) % epw:
