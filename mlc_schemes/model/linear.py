@@ -3,8 +3,8 @@
 `QuantLinear` holds the packed tensors of docs/formats.md §2 (`q_weight` uint32 [N, ceil(K/epw)], `q_scale`
 float16 [N, G], `q_zero` float16 [N, G] for asymmetric kinds; on CPU, 3-bit g128 linears hold them row-interleaved,
 `packing.interleave_rows`, made by the engine at load: `param_interleave` in the library metadata); its bit width,
-group width and zero handling come from the scheme (`mlc_schemes.schemes`), never from constants. `DenseLinear` holds a plain `weight` [N, K].
-Both call the kernels of `mlc_schemes.model.kernels` (float32 accumulation) and add an optional bias.
+group width and zero handling come from the scheme (`mlc_schemes.schemes`), never from constants. `DenseLinear`
+holds a plain `weight` [N, K]. Both call the kernels of `mlc_schemes.model.kernels` (float32 accumulation) and add an optional bias.
 """
 
 from __future__ import annotations
