@@ -9,9 +9,10 @@ q/k/v or gate/up parameter is made of, concatenated along axis 0):
   Its pages belong to the page cache, as llama.cpp's memory-mapped GGUF: read from disk on first use, shared
   between processes, evictable, never a second copy.
 - **copied**: everything else (fused concatenations, misaligned records, CUDA, float16 -> float32 widening in the
-  exact float32 mode, the CPU kernels' row-interleaved 3-bit g128 linears) gets one device tensor of its final shape, and each source record is read from its shard
-  straight into that tensor's slice (CPU: `readinto` its memory; other devices: through one host buffer the size
-  of the record). No numpy concatenation, no intermediate array of the whole model.
+  exact float32 mode, the CPU kernels' row-interleaved 3-bit g128 linears) gets one device tensor of its final
+  shape, and each source record is read from its shard straight into that tensor's slice (CPU: `readinto` its
+  memory; other devices: through one host buffer the size of the record). No numpy concatenation, no
+  intermediate array of the whole model (interleaved ones pass through windows of ~4 MiB of rows).
 
 Sources are `weights_dir.TensorRecord`s (a packed dir on disk) or numpy arrays (random weights made in memory:
 mapped means a view of the array then).
@@ -95,8 +96,8 @@ def place_params(names: list[str], concat: dict[str, list[str]], sources: dict, 
     dtype: the library's compute dtype; float16 dense tensors are widened to float32 when it is "float32" (packed
     codes, scales and zeros never change). zero_copy=False copies everything (the reference the tests compare
     the mapped load against). interleave: parameter -> IL for the CPU kernels' row-interleaved layout (the
-    library metadata's `param_interleave`): each source [rows, C] goes to its slice of the [N/IL, C, IL] tensor
-    through `packing.interleave_rows` (copied, CPU only).
+    library metadata's `param_interleave`): the sources' rows go to the [N/IL, C, IL] tensor through
+    `packing.interleave_rows` (`_interleaved`; copied, CPU only).
     """
     import tvm
     import tvm_ffi

@@ -62,6 +62,11 @@ class QuantSpec:
     def mask(self) -> int:
         return (1 << self.bits) - 1
 
+    def shapes(self, n: int, k: int) -> tuple[tuple, tuple]:
+        """(q_weight, q_scale / q_zero) shapes of an [n, k] weight in this layout."""
+        words, groups, b = math.ceil(k / self.epw), math.ceil(k / self.group_width), self.interleave
+        return ((n // b, words, b), (n // b, groups, b)) if b else ((n, words), (n, groups))
+
 
 # Row vectors per interleaved block, preferred first: 6 accumulator chains + 6 group sums fit AVX2's 16 registers.
 # Per call on SmolLM2's 3-bit g128 shapes, 1 thread (bench/README.md, "3-bit GEMV on row-interleaved weights"):
@@ -218,6 +223,10 @@ def _cpu_matmul_nt(n, k, x_dtype, out_dtype, quant, w_dtype, isa: CpuIsa, int8_d
     groups = math.ceil(k / gw)
     row = words * epw  # decoded row length (padding codes decoded too, never read by the dot)
     mask, il = quant.mask, quant.interleave
+
+    def at(buf, nn, c):  # element (row nn, column c) of a [N, C] tensor, or of its row-interleaved [N/il, C, il]
+        return buf[nn // il, c, nn % il] if il else buf[nn, c]
+
     # The plain GEMV path needs groups made of whole words (4-bit g32/g128, 3-bit g40, 2-bit g64 ...).
     # Other groups (3-bit g128) take the row-interleaved layout's GEMV, or on MLC's layout the windowed variant,
     # which reads a few words twice.
@@ -258,19 +267,6 @@ def _cpu_matmul_nt(n, k, x_dtype, out_dtype, quant, w_dtype, isa: CpuIsa, int8_d
                             code(qw, nn, gfull * wpg + wb * vt + j, e) - zero(nn, groups - 1)
                         ) * T.Cast("float32", s[nn, groups - 1])
     else:  # natural column order, scalar decode (groups starting mid-word, e.g. 3-bit g128), MLC's or interleaved rows
-        if il:
-            def word_of(qw, nn, w):
-                return qw[nn // il, w, nn % il]
-
-            def scale_of(s, nn, g):
-                return T.Cast("float32", s[nn // il, g, nn % il])
-        else:
-            def word_of(qw, nn, w):
-                return qw[nn, w]
-
-            def scale_of(s, nn, g):
-                return T.Cast("float32", s[nn, g])
-
         def load_x(x, m, l):
             return T.if_then_else(l < k, T.Cast("float32", x[m, T.min(l, k - 1)]), T.float32(0))
 
@@ -280,23 +276,19 @@ def _cpu_matmul_nt(n, k, x_dtype, out_dtype, quant, w_dtype, isa: CpuIsa, int8_d
                 for e in T.unroll(epw):
                     g: T.let = T.min((w * epw + e) // gw, groups - 1)
                     buf[r, w * epw + e] = (T.Cast("float32", T.Cast("int32", T.shift_right(
-                        word_of(qw, nn, w), T.uint32(e * bits)) & T.uint32(mask))) - zero(nn, g)) * scale_of(s, nn, g)
+                        at(qw, nn, w), T.uint32(e * bits)) & T.uint32(mask))) - zero(nn, g)) * T.Cast(
+                        "float32", at(s, nn, g))
 
     gemm = _gemm(n, row, out_dtype, load_x, decode_row, isa)
-    wshape, sshape = ((n // il, words, il), (n // il, groups, il)) if il else ((n, words), (n, groups))
+    wshape, sshape = quant.shapes(n, k)
 
     if quant.fixed_zero is None:
-        if il:  # zero(b, g, l) for the GEMV, zero(row, g) for the GEMM's row decode
-            def gemv_zero(z):
-                return lambda b, g, lane: T.Cast("float32", z[b, g, lane])
 
-            def row_zero(z):
-                return lambda nn, g: T.Cast("float32", z[nn // il, g, nn % il])
-        else:
-            def gemv_zero(z):
-                return lambda nn, g: T.Cast("float32", z[nn, g])
+        def row_zero(z):  # zero(row, g): the GEMM's row decode and the plain GEMVs
+            return lambda nn, g: T.Cast("float32", at(z, nn, g))
 
-            row_zero = gemv_zero
+        def gemv_zero(z):  # the interleaved GEMV indexes blocks: zero(b, g, lane)
+            return (lambda b, g, lane: T.Cast("float32", z[b, g, lane])) if il else row_zero(z)
 
         @T.prim_func(private=True)
         def qmm_asym(x_h: T.handle, qw: T.Buffer(wshape, "uint32"), s: T.Buffer(sshape, "float16"),

@@ -4,13 +4,13 @@
 float16 [N, G], `q_zero` float16 [N, G] for asymmetric kinds; on CPU, 3-bit g128 linears hold them row-interleaved,
 `packing.interleave_rows`, made by the engine at load: `param_interleave` in the library metadata); its bit width,
 group width and zero handling come from the scheme (`mlc_schemes.schemes`), never from constants. `DenseLinear`
-holds a plain `weight` [N, K]. Both call the kernels of `mlc_schemes.model.kernels` (float32 accumulation) and add an optional bias.
+holds a plain `weight` [N, K]. Both call the kernels of `mlc_schemes.model.kernels` (float32 accumulation) and add
+an optional bias.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 from tvm import te
 from tvm.relax.frontend import nn
@@ -73,11 +73,8 @@ class _PackedWeight:
         """interleave: CPU linears take the row-interleaved layout where `kernels.interleave_for` gives one for
         the ISA being built (`isa.current_isa()`): [rows/IL, words, IL], [rows/IL, G, IL], made at load."""
         spec = quant_spec_for(scheme, cols)
-        il = interleave_for(spec, rows, current_isa()) if interleave else 0
-        self.spec = dataclasses.replace(spec, interleave=il)
-        words = math.ceil(cols / spec.epw)
-        groups = math.ceil(cols / spec.group_width)
-        wshape, sshape = ((rows // il, words, il), (rows // il, groups, il)) if il else ((rows, words), (rows, groups))
+        self.spec = dataclasses.replace(spec, interleave=interleave_for(spec, rows, current_isa()) if interleave else 0)
+        wshape, sshape = self.spec.shapes(rows, cols)
         self.q_weight = nn.Parameter(wshape, "uint32")
         self.q_scale = nn.Parameter(sshape, "float16")
         self.q_zero = nn.Parameter(sshape, "float16") if spec.fixed_zero is None else None
