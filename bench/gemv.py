@@ -83,8 +83,8 @@ def main() -> int:
     ap.add_argument("--int8-dot", action="store_true",
                     help="also the int8-activation 4-bit GEMV (`compile --int8-dot`), as kind q4i8")
     ap.add_argument("--layout", choices=["deployed", "plain"], default="deployed",
-                    help="packed layout: as the CPU engine loads it (3-bit g128 row-interleaved, "
-                         "kernels.interleave_for), or MLC's plain [N, words] for every width (3-bit g128 windowed)")
+                    help="packed layout: as the CPU engine loads it (rows interleaved, kernels.interleave_for), or "
+                         "MLC's plain [N, words] (3-bit g128: windowed GEMV)")
     ap.add_argument("--threads", type=int, default=None, help="TVM_NUM_THREADS (default: as set, else all cores)")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=5)
@@ -125,8 +125,8 @@ def main() -> int:
                 spec = kern.QuantSpec(kind, 128, None)
                 ws = _weights(rng, n, k, kind)
                 if args.layout == "deployed" and hasattr(kern, "interleave_for"):
-                    spec = dataclasses.replace(spec, interleave=kern.interleave_for(spec, n, sched))
-                if getattr(spec, "interleave", 0):  # 3-bit g128: the row-interleaved layout the engine loads
+                    spec = dataclasses.replace(spec, interleave=kern.interleave_for(spec, n, k, sched))
+                if getattr(spec, "interleave", 0):  # the row-interleaved layout the engine loads
                     ws = [interleave_rows(w, spec.interleave) for w in ws]
                 f = kern.cpu_matmul_nt(n, k, "float16", "float16", spec, **isa_kw)
             ex = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=target)

@@ -156,7 +156,7 @@ class BuiltModule(NamedTuple):
     param_names: list[str]
     param_concat: dict[str, list[str]]
     int8_dot_shapes: list[list[int]]  # distinct [N, K] of the linears that took the int8 decode kernel
-    param_interleave: dict[str, int]  # parameter -> rows per block of its row-interleaved layout (CPU 3-bit g128)
+    param_interleave: dict[str, int]  # parameter -> rows per block of its row-interleaved layout (CPU packed linears)
 
 
 def build_module(pm: PackedModel, target, dtype: str, int8_dot: bool = False) -> BuiltModule:

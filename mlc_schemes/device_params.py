@@ -9,7 +9,7 @@ q/k/v or gate/up parameter is made of, concatenated along axis 0):
   Its pages belong to the page cache, as llama.cpp's memory-mapped GGUF: read from disk on first use, shared
   between processes, evictable, never a second copy.
 - **copied**: everything else (fused concatenations, misaligned records, CUDA, float16 -> float32 widening in the
-  exact float32 mode, the CPU kernels' row-interleaved 3-bit g128 linears) gets one device tensor of its final
+  exact float32 mode, the CPU kernels' row-interleaved packed linears) gets one device tensor of its final
   shape, and each source record is read from its shard straight into that tensor's slice (CPU: `readinto` its
   memory; other devices: through one host buffer the size of the record). No numpy concatenation, no
   intermediate array of the whole model (interleaved ones pass through windows of ~4 MiB of rows).

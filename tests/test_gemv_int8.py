@@ -129,8 +129,9 @@ def tiny_w4(tmp_path_factory):
 
 @needs_int8_dot
 def test_int8_dot_library_changes_decode_only(tiny_w4):
-    """Prefill logits are bit-identical to the exact library's (M > 1 kernels unchanged); decode logits differ
-    (int8 rounding of x) but stay close; the metadata records the choice and the library cache tells them apart."""
+    """Prefill logits equal the exact library's up to float32 summation order (exact M > 1 kernels; the int8-dot
+    linears keep MLC's layout, the exact library's are row-interleaved); decode logits differ by the int8 rounding
+    of x but stay close; the metadata records the choice and the library cache tells them apart."""
     from mlc_schemes.compile import read_library_meta_if_fits, read_packed_model
     from mlc_schemes.engine import Engine
 
@@ -141,8 +142,10 @@ def test_int8_dot_library_changes_decode_only(tiny_w4):
         pre = eng.prefill(ids[:16], all_logits=True)
         dec = np.stack([eng.decode(int(t)) for t in ids[16:]])
         logits[name] = pre, dec
-    assert np.array_equal(logits["exact"][0], logits["int8"][0])
+    scale = np.abs(logits["exact"][0]).max()
+    np.testing.assert_allclose(logits["int8"][0], logits["exact"][0], rtol=0, atol=1e-5 * scale)
     diff = np.abs(logits["exact"][1] - logits["int8"][1]).max()
+    assert diff > 1e-3 * scale  # far above the summation-order differences of prefill
     assert 0 < diff <= 0.05 * np.abs(logits["exact"][1]).max(), diff
     pm = read_packed_model(tiny_w4 / "packed")
     meta = read_library_meta_if_fits(tiny_w4 / "int8.so", pm, int8_dot=True)

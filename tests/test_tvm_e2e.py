@@ -46,7 +46,7 @@ def llama_w3(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llama_w4(tmp_path_factory):
-    """Llama tiny, RTN w4a16g128asym: groups of whole words, so every packed linear keeps MLC's layout on CPU."""
+    """Llama tiny, RTN w4a16g128asym: groups of whole words."""
     return _chain(tmp_path_factory.mktemp("tvm_llama_w4"), "llama", "w4a16g128asym", wbits=4, group_size=128,
                   epochs=0, lwc=False)
 
@@ -324,14 +324,22 @@ def _misalign_first_shard(packed, out):
 @pytest.mark.parametrize("chain", ["llama_w4", "llama_w3"])
 def test_zero_copy_load_equals_copy_load(chain, request, tmp_path):
     """Parameters mapped from the shards (zero-copy views) give the same logits, bit for bit, as parameters
-    copied into fresh tensors; misaligned records fall back to copies and give them too. W3 g128: the CPU
-    library's row-interleaved linears (`param_interleave`) are always copied."""
+    copied into fresh tensors; misaligned records fall back to copies and give them too. The exact CPU library
+    row-interleaves its packed linears (`param_interleave`): always copied (W3); a W4 library with --int8-dot keeps
+    MLC's layout for its int8-dot linears, which are mapped."""
     import tvm_ffi
 
+    from mlc_schemes.compile import compile_packed
     from mlc_schemes.engine import Engine
+    from mlc_schemes.model.isa import host_isa
 
     root = request.getfixturevalue(chain)
     lib = root / "lib32.so"
+    if chain == "llama_w4":
+        if not host_isa().int8_dot:
+            pytest.skip("the int8-dot library needs AVX2")
+        lib = tmp_path / "int8.so"
+        compile_packed(root / "packed", "llvm", lib, dtype="float32", int8_dot=True)
     ids = list(range(3, 45))
     copied = Engine(root / "packed", lib, zero_copy=False)
     mapped = Engine(root / "packed", lib)
@@ -350,7 +358,7 @@ def test_zero_copy_load_equals_copy_load(chain, request, tmp_path):
     ref = copied.prefill(ids, all_logits=True)
     np.testing.assert_array_equal(mapped.prefill(ids, all_logits=True), ref)
     np.testing.assert_array_equal(mapped.decode(7), copied.decode(7))
-    if interleaved:  # W3 g128: the linears' records are copied (the mapped total above leaves them out)
+    if interleaved:  # the exact library's linears are copied (the mapped total above leaves them out)
         return
     # a mapped parameter is a view of the file: its bytes are the record's, its memory not a TVM allocation
     assert expect > 0

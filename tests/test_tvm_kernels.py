@@ -10,6 +10,7 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 from mlc_schemes.compile import make_target
+from mlc_schemes.model.isa import BY_NAME
 from mlc_schemes.model.kernels import QuantSpec, cpu_matmul_nt
 from mlc_schemes.packing import pack_codes
 
@@ -78,8 +79,6 @@ def test_dense_matmul_fp16_weight_fp32_accumulation(k, m):
 def test_quant_matmul_schedules_for_each_isa(isa, bits, k, m):
     """The vector width / register tiles of every ISA's schedule (16, 8 and 4 float32 lanes), all run on this CPU
     (LLVM splits wider vectors), give the numpy result: GEMV (M = 1, plain and windowed 3-bit) and blocked GEMM."""
-    from mlc_schemes.model.isa import BY_NAME
-
     rng = np.random.default_rng(bits + k + m)
     n, gw = 13, 128
     groups = math.ceil(k / gw)
@@ -96,33 +95,44 @@ def test_quant_matmul_schedules_for_each_isa(isa, bits, k, m):
 
 
 @pytest.mark.parametrize("isa_name", ["avx2", "avx512"])
-@pytest.mark.parametrize("k,n", [(192, 48), (576, 96), (1408, 160), (389, 48)])  # K: a partial last group;
-#   SmolLM2's K (tail of 57.6 words); two 640-column periods + a 128-column tail; a last group of 5 columns inside
-#   one word. N: blocks of 6, 4, 2 or 1 vectors of 8 / 16 rows
+@pytest.mark.parametrize("bits,k,n", [(3, 192, 48), (3, 576, 96), (3, 1408, 160), (3, 389, 48), (4, 576, 96),
+                                      (4, 1100, 48), (2, 200, 64)])
+#   3-bit g128: K with a partial last group; SmolLM2's K (tail of 57.6 words); two 640-column periods + a 128-column
+#   tail (and 3 GEMM chunks); a last group of 5 columns inside one word. 4-bit: groups of whole words, 3 GEMM
+#   chunks and a partial last word; 2-bit. N: blocks of 6, 4, 2 or 1 vectors of 8 / 16 rows
 @pytest.mark.parametrize("m", [1, 5])
-@pytest.mark.parametrize("fixed_zero", [None, 3])
-def test_row_interleaved_3bit_g128_matches_numpy(isa_name, k, n, m, fixed_zero):
-    """3-bit g128 on the row-interleaved layout (`packing.interleave_rows`, blocks of `interleave_for` rows): GEMV
-    (groups starting mid-word, lane = row) and blocked GEMM against float64."""
-    from mlc_schemes.model.isa import BY_NAME
+@pytest.mark.parametrize("fixed_zero", [None, 1])
+def test_row_interleaved_matches_numpy(isa_name, bits, k, n, m, fixed_zero):
+    """g128 on the row-interleaved layout (`packing.interleave_rows`, blocks of `interleave_for` rows): GEMV (lane =
+    row; groups starting mid-word at 3 bits) and the GEMM that decodes whole blocks (M > 1) against float64."""
+    _check_interleaved(BY_NAME[isa_name], bits, k, n, m, fixed_zero)
+
+
+def test_row_interleaved_gemm_input_chunks():
+    """M past one chunk of GEMM_MC input rows and not a multiple of the register tile's rows."""
+    _check_interleaved(BY_NAME["avx2"], 4, 576, 48, 131, None)
+    _check_interleaved(BY_NAME["avx512"], 3, 576, 64, 131, None)
+
+
+def _check_interleaved(isa, bits, k, n, m, fixed_zero):
     from mlc_schemes.model.kernels import interleave_for
     from mlc_schemes.packing import interleave_rows
 
-    isa = BY_NAME[isa_name]
-    rng = np.random.default_rng(k + n + m + isa.lanes)
+    rng = np.random.default_rng(k + n + m + isa.lanes + bits)
     groups = math.ceil(k / 128)
-    qmax = 7 if fixed_zero is None else 2 * fixed_zero
+    qmax = 2**bits - 1 if fixed_zero is None else 2 * fixed_zero
     codes = rng.integers(0, qmax + 1, (n, k))
+    codes[:, -1] = qmax  # the top field of the last word
     scale = (rng.random((n, groups)) * 0.05 + 0.01).astype(np.float16)
     zero = rng.integers(0, qmax + 1, (n, groups)).astype(np.float16) if fixed_zero is None else None
     x = rng.standard_normal((m, k)).astype(np.float32)
     g = np.arange(k) // 128
     z64 = zero.astype(np.float64)[:, g] if zero is not None else float(fixed_zero)
     ref = x.astype(np.float64) @ ((codes - z64) * scale.astype(np.float64)[:, g]).T
-    block = interleave_for(QuantSpec(3, 128, fixed_zero), n, isa)
+    block = interleave_for(QuantSpec(bits, 128, fixed_zero), n, k, isa)
     assert block % isa.lanes == 0 and n % block == 0
-    func = cpu_matmul_nt(n, k, "float32", "float32", QuantSpec(3, 128, fixed_zero, interleave=block), isa=isa)
-    args = [x, interleave_rows(pack_codes(codes, 3), block), interleave_rows(scale, block)] + (
+    func = cpu_matmul_nt(n, k, "float32", "float32", QuantSpec(bits, 128, fixed_zero, interleave=block), isa=isa)
+    args = [x, interleave_rows(pack_codes(codes, bits), block), interleave_rows(scale, block)] + (
         [interleave_rows(zero, block)] if zero is not None else [])
     out = _run(func, args, m, n, "float32")
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
@@ -138,8 +148,9 @@ def test_interleave_rows_layout():
     assert b.shape == (3, 3, 2) and b[1, 2, 0] == a[2, 2] and b[1, 2, 1] == a[3, 2]
     with pytest.raises(ValueError, match="blocks of 4 rows"):
         interleave_rows(a, 4)
-    assert interleave_for(QuantSpec(3, 128, None), 96, AVX2) == 48  # 6 vectors of 8 rows
-    assert interleave_for(QuantSpec(3, 128, None), 4096, AVX512) == 64  # 6 x 16 does not divide 4096: 4 x 16
-    assert interleave_for(QuantSpec(4, 128, None), 64, AVX2) == 0  # groups of whole words: MLC's layout
-    assert interleave_for(QuantSpec(3, 128, None), 60, AVX2) == 0  # N not a multiple of the lanes
-    assert interleave_for(QuantSpec(3, 40, 3), 64, AVX2) == 0  # q3f16_1: groups of whole words
+    assert interleave_for(QuantSpec(3, 128, None), 96, 576, AVX2) == 48  # 6 vectors of 8 rows
+    assert interleave_for(QuantSpec(3, 128, None), 4096, 576, AVX512) == 64  # 6 x 16 does not divide 4096: 4 x 16
+    assert interleave_for(QuantSpec(4, 128, None), 64, 576, AVX2) == 32  # whole-word groups too; 4 x 8
+    assert interleave_for(QuantSpec(4, 128, None), 64, 576, AVX2, int8_dot=True) == 0  # gemv_int8 reads MLC's
+    assert interleave_for(QuantSpec(3, 128, None), 64, 576, AVX2, int8_dot=True) == 32  # (4-bit only)
+    assert interleave_for(QuantSpec(3, 128, None), 60, 576, AVX2) == 0  # N not a multiple of the lanes

@@ -137,9 +137,12 @@ class ParamBuilder:
             self.concat[f"{fused}.{sfx}"] = [f"{name}.{sfx}" for name in names]
         return lin
 
-    def embedding(self, vocab: int, hidden: int):
+    def embedding(self, vocab: int, hidden: int, tied: bool = False):
+        """tied: the table is also the lm_head; a quantized one then takes the CPU kernels' row-interleaved layout
+        (its logits GEMV is the largest of a small model's decode step; lookups read B-strided words)."""
         if "model.embed_tokens" in self.quantized_embed:
-            return QuantEmbedding(vocab, hidden, self.embed_scheme, dtype=self.dtype)
+            return QuantEmbedding(vocab, hidden, self.embed_scheme, dtype=self.dtype,
+                                  interleave=tied and self.backend == "cpu")
         return nn.Embedding(vocab, hidden, dtype=self.dtype)
 
 

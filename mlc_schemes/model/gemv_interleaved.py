@@ -1,4 +1,4 @@
-"""Decode GEMV (M = 1) on row-interleaved packed weights, lane = row, for groups that start mid-word (3-bit g128).
+"""Decode GEMV (M = 1) on row-interleaved packed weights, lane = row: every packed linear of the CPU library.
 
 Layout (`packing.interleave_rows`, made by the CPU engine at load from MLC's [N, words]): with B rows per block
 (`QuantSpec.interleave`, `kernels.interleave_for`: RV vectors of the ISA's L float32 lanes, B = RV * L),

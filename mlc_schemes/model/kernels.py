@@ -9,15 +9,16 @@ Two weight sources share one kernel shape:
 
 CPU (llvm): hand-written TIR, two paths chosen at run time on M:
 
-- M = 1 (decode), the GEMV that dominates a decode step: `_gemv_quant` (or, opt-in for 4-bit, the int8-activation
-  `gemv_int8.gemv_int8`; for groups starting mid-word, 3-bit g128, `gemv_interleaved` on rows interleaved at load,
-  `QuantSpec.interleave`) works on raw packed words (one contiguous
-  vector load of words per row, each code isolated by a single AND with its in-word mask and converted, x
-  pre-transposed and pre-scaled once per call so the FMA operand is contiguous), applies scale / zero once per
-  group, and runs ROWS rows per step with independent accumulators; `_cpu_dense` M = 1 converts x to float32 once
-  and shares each x vector over ROWS rows. Rows are split over the cores in at most TASKS tasks.
-- M > 1 (prefill): blocks of weight rows (parallel over the cores) are decoded once into float32 row buffers,
-  then dotted with blocks of input rows in register tiles (the decode is amortised over M).
+- M = 1 (decode), the GEMV that dominates a decode step. The CPU library takes packed linears with their rows
+  interleaved at load (`QuantSpec.interleave`, `interleave_for`): `gemv_interleaved` (lane = row). On MLC's layout
+  (an N no block divides, or the opt-in int8-activation `gemv_int8.gemv_int8` for 4-bit) `_gemv_quant` (lane =
+  word; `_gemv_quant_window` for groups starting mid-word). All work on raw packed words (one contiguous vector
+  load of words, each code isolated by a single AND with its in-word mask and converted, x pre-scaled once per
+  call), apply scale / zero once per group and keep independent accumulators; `_cpu_dense` M = 1 converts x to
+  float32 once and shares each x vector over ROWS rows. Rows are split over the cores in at most TASKS tasks.
+- M > 1 (prefill): blocks of weight rows (parallel over the cores) are decoded once into float32 buffers, then
+  meet tiles of input rows in register tiles (the decode is amortised over M): `gemm_interleaved` on interleaved
+  rows (outer product, vector = rows), `_gemm` on MLC's layout and dense weights (vector along K).
 
 Vector width and register tiles follow the target's ISA (`mlc_schemes.model.isa`: 16 float32 lanes and 32
 registers on AVX-512, 8 and 16 on AVX2), passed as `isa` or taken from `isa.current_isa()`.
@@ -39,6 +40,7 @@ from tvm import te, tirx
 from tvm.script import tirx as T
 
 from mlc_schemes.model import gemv_int8
+from mlc_schemes.model.gemm_interleaved import gemm_interleaved
 from mlc_schemes.model.gemv_interleaved import gemv_interleaved
 from mlc_schemes.model.isa import CpuIsa, current_int8_dot, current_isa, record_int8_dot
 
@@ -51,7 +53,7 @@ class QuantSpec:
     group_width: int
     fixed_zero: int | None  # None -> a float16 zero tensor is passed
     # 0: MLC's layout, q_weight [N, words], q_scale / q_zero [N, G]; B > 0: rows interleaved in blocks of B
-    # (`packing.interleave_rows`: [N/B, words, B], [N/B, G, B]) for `gemv_interleaved` (CPU, `interleave_for`)
+    # (`packing.interleave_rows`: [N/B, words, B], [N/B, G, B]) for `gemv_interleaved` / `gemm_interleaved` (CPU)
     interleave: int = 0
 
     @property
@@ -74,15 +76,13 @@ class QuantSpec:
 INTERLEAVE_VECTORS = (6, 4, 2, 1)
 
 
-def interleave_for(quant: QuantSpec, n: int, isa: CpuIsa) -> int:
-    """Rows per interleaved block for a CPU linear of N = n rows with `quant`, where groups start mid-word (3-bit
-    g128, where MLC's layout needs `_gemv_quant_window`): RV * lanes for the first RV of INTERLEAVE_VECTORS whose
-    block divides N; 0 (MLC's layout) for whole-word groups or an N no block divides."""
-    if quant.group_width % quant.epw == 0:
+def interleave_for(quant: QuantSpec, n: int, k: int, isa: CpuIsa, int8_dot: bool = False) -> int:
+    """Rows per interleaved block for a CPU linear [N = n, K = k] with `quant`: RV * lanes for the first RV of
+    INTERLEAVE_VECTORS whose block divides N; 0 (MLC's layout) for an N no block divides, or for a linear that
+    `int8_dot` sends to `gemv_int8` (which reads MLC's layout)."""
+    if int8_dot and gemv_int8.eligible(k, quant, isa):
         return 0
     return next((rv * isa.lanes for rv in INTERLEAVE_VECTORS if n % (rv * isa.lanes) == 0), 0)
-
-
 ROWS = 4  # output rows per parallel task in the M = 1 kernels: x vectors are loaded once for 4 rows, and 4
 #            independent accumulator chains hide the FMA latency
 TASKS = 64  # parallel tasks per M = 1 kernel (split statically over the threads); each runs a range of row blocks
@@ -144,6 +144,19 @@ def gemm_tile(isa: CpuIsa) -> tuple[int, int]:
     return (4, 2) if isa.registers >= 32 else (3, 4)
 
 
+def _x_chunk(mc: int, length: int, load_x):
+    """TIR macro `(x, xf, c0, m_len)`: xf[i, l] = load_x(x, c0 * mc + i, l), float32, for the rows of input chunk c0
+    (the M > 1 GEMMs convert x once per chunk of `mc` rows, not once per weight block)."""
+
+    @T.macro
+    def chunk(x, xf, c0, m_len):
+        for i in T.parallel(T.min(mc, m_len - c0 * mc)):
+            for l in range(length):
+                xf[i, l] = load_x(x, c0 * mc + i, l)
+
+    return chunk
+
+
 def _gemm(n: int, length: int, out_dtype: str, load_x, decode_row, isa: CpuIsa):
     """TIR macro `(x, y, m_len, w0, w1, w2)` for M > 1: `y[m, nn] = sum_l xf[m, l] * buf_nn[l]`, l < length.
 
@@ -157,14 +170,13 @@ def _gemm(n: int, length: int, out_dtype: str, load_x, decode_row, isa: CpuIsa):
     lfull = length // vl * vl
     nblk = math.ceil(n / RN)
     hs = _hsum(vl)
+    x_chunk = _x_chunk(MC, length, load_x)
 
     @T.macro
     def gemm(x, y, m_len, w0, w1, w2):
         for mc in range((m_len + MC - 1) // MC):
             xf = T.decl_buffer((MC, length), "float32")
-            for i in T.parallel(T.min(MC, m_len - mc * MC)):
-                for l in range(length):
-                    xf[i, l] = load_x(x, mc * MC + i, l)
+            x_chunk(x, xf, mc, m_len)
             for nb in T.parallel(nblk):
                 buf = T.decl_buffer((RN, length), "float32")
                 acc = T.decl_buffer((RM * RN, vl), "float32")  # < 1 KiB: on the stack, kept in registers
@@ -201,8 +213,8 @@ def cpu_matmul_nt(n: int, k: int, x_dtype: str, out_dtype: str, quant: QuantSpec
 
     Weight args: quantized -> q_weight uint32 [N, ceil(K/epw)], q_scale float16 [N, G] (+ q_zero float16 [N, G]),
     or [N/B, ., B] each with `quant.interleave` = B; dense -> weight `w_dtype` [N, K]. M = 1 (decode) takes a
-    GEMV path (`_gemv_quant`, `gemv_interleaved`, `_gemv_quant_window`, the M = 1 branch of `_cpu_dense`), M > 1
-    the blocked GEMM of `_gemm` (weight rows decoded once to float32).
+    GEMV path (`gemv_interleaved`, `_gemv_quant`, `_gemv_quant_window`, the M = 1 branch of `_cpu_dense`), M > 1
+    a blocked GEMM (`gemm_interleaved`, `_gemm`: weights decoded once to float32 per block).
     Vectors and tiles are sized for `isa` (default: `isa.current_isa()`). `int8_dot` (default:
     `isa.current_int8_dot()`) sends eligible 4-bit decode GEMVs to `gemv_int8` (int8 activations, not exact).
     """
@@ -224,12 +236,8 @@ def _cpu_matmul_nt(n, k, x_dtype, out_dtype, quant, w_dtype, isa: CpuIsa, int8_d
     row = words * epw  # decoded row length (padding codes decoded too, never read by the dot)
     mask, il = quant.mask, quant.interleave
 
-    def at(buf, nn, c):  # element (row nn, column c) of a [N, C] tensor, or of its row-interleaved [N/il, C, il]
-        return buf[nn // il, c, nn % il] if il else buf[nn, c]
-
-    # The plain GEMV path needs groups made of whole words (4-bit g32/g128, 3-bit g40, 2-bit g64 ...).
-    # Other groups (3-bit g128) take the row-interleaved layout's GEMV, or on MLC's layout the windowed variant,
-    # which reads a few words twice.
+    # On MLC's layout the plain GEMV needs groups made of whole words (4-bit g32/g128, 3-bit g40, 2-bit g64 ...);
+    # other groups (3-bit g128) take the windowed variant, which reads a few words twice.
     if int8_dot:
         gemv = gemv_int8.gemv_int8(n, k, quant, out_dtype, TASKS)
     elif il:
@@ -266,7 +274,7 @@ def _cpu_matmul_nt(n, k, x_dtype, out_dtype, quant, w_dtype, isa: CpuIsa, int8_d
                         buf[r, e * words + gfull * wpg + wb * vt + j] = (
                             code(qw, nn, gfull * wpg + wb * vt + j, e) - zero(nn, groups - 1)
                         ) * T.Cast("float32", s[nn, groups - 1])
-    else:  # natural column order, scalar decode (groups starting mid-word, e.g. 3-bit g128), MLC's or interleaved rows
+    elif not il:  # natural column order, scalar decode (groups starting mid-word in MLC's layout: N no block divides)
         def load_x(x, m, l):
             return T.if_then_else(l < k, T.Cast("float32", x[m, T.min(l, k - 1)]), T.float32(0))
 
@@ -276,19 +284,17 @@ def _cpu_matmul_nt(n, k, x_dtype, out_dtype, quant, w_dtype, isa: CpuIsa, int8_d
                 for e in T.unroll(epw):
                     g: T.let = T.min((w * epw + e) // gw, groups - 1)
                     buf[r, w * epw + e] = (T.Cast("float32", T.Cast("int32", T.shift_right(
-                        at(qw, nn, w), T.uint32(e * bits)) & T.uint32(mask))) - zero(nn, g)) * T.Cast(
-                        "float32", at(s, nn, g))
+                        qw[nn, w], T.uint32(e * bits)) & T.uint32(mask))) - zero(nn, g)) * T.Cast("float32", s[nn, g])
 
-    gemm = _gemm(n, row, out_dtype, load_x, decode_row, isa)
+    gemm = (gemm_interleaved(n, k, quant, out_dtype, isa, GEMM_MC) if il
+            else _gemm(n, row, out_dtype, load_x, decode_row, isa))
     wshape, sshape = quant.shapes(n, k)
 
     if quant.fixed_zero is None:
 
-        def row_zero(z):  # zero(row, g): the GEMM's row decode and the plain GEMVs
-            return lambda nn, g: T.Cast("float32", at(z, nn, g))
-
-        def gemv_zero(z):  # the interleaved GEMV indexes blocks: zero(b, g, lane)
-            return (lambda b, g, lane: T.Cast("float32", z[b, g, lane])) if il else row_zero(z)
+        def zero_of(z):  # zero(row, g) on MLC's layout, zero(block, g, lane) on the interleaved one
+            return (lambda b, g, lane: T.Cast("float32", z[b, g, lane])) if il else (
+                lambda nn, g: T.Cast("float32", z[nn, g]))
 
         @T.prim_func(private=True)
         def qmm_asym(x_h: T.handle, qw: T.Buffer(wshape, "uint32"), s: T.Buffer(sshape, "float16"),
@@ -298,9 +304,9 @@ def _cpu_matmul_nt(n, k, x_dtype, out_dtype, quant, w_dtype, isa: CpuIsa, int8_d
             x = T.match_buffer(x_h, (m_len, k), x_dtype)
             y = T.match_buffer(y_h, (m_len, n), out_dtype)
             if fast and m_len == 1:
-                gemv(x, qw, s, gemv_zero(z), y)
+                gemv(x, qw, s, zero_of(z), y)
             else:
-                gemm(x, y, m_len, qw, s, row_zero(z))
+                gemm(x, y, m_len, qw, s, zero_of(z))
 
         return qmm_asym
 
@@ -613,14 +619,18 @@ def _cpu_dense(n, k, x_dtype, out_dtype, w_dtype, isa: CpuIsa):
 
 
 def te_dequant(weights, quant: QuantSpec, row, col):
-    """TE expression: float32 element (row, col) of a packed weight (`weights` = q_weight, q_scale[, q_zero]);
-    `(code - zero) * scale` with the code taken from its word, LSB first."""
+    """TE expression: float32 element (row, col) of a packed weight (`weights` = q_weight, q_scale[, q_zero], in
+    MLC's or the row-interleaved layout); `(code - zero) * scale` with the code taken from its word, LSB first."""
     qw, s = weights[0], weights[1]
-    epw, bits, gw = quant.epw, quant.bits, quant.group_width
-    code = (qw[row, col // epw] >> tirx.Cast("uint32", (col % epw) * bits)) & tirx.const(quant.mask, "uint32")
-    zero = weights[2][row, col // gw].astype("float32") if quant.fixed_zero is None else \
+    epw, bits, gw, il = quant.epw, quant.bits, quant.group_width, quant.interleave
+
+    def at(t, c):  # element (row, c) of [N, C], or of its interleaved [N/il, C, il]
+        return t[row // il, c, row % il] if il else t[row, c]
+
+    code = (at(qw, col // epw) >> tirx.Cast("uint32", (col % epw) * bits)) & tirx.const(quant.mask, "uint32")
+    zero = at(weights[2], col // gw).astype("float32") if quant.fixed_zero is None else \
         tirx.const(float(quant.fixed_zero), "float32")
-    return (code.astype("float32") - zero) * s[row, col // gw].astype("float32")
+    return (code.astype("float32") - zero) * at(s, col // gw).astype("float32")
 
 
 def te_matmul_nt(x, weights, n: int, k: int, out_dtype: str, quant: QuantSpec | None):

@@ -1,7 +1,7 @@
 """Linear layers of the deployed model, `relax.frontend.nn` modules with HF parameter names.
 
 `QuantLinear` holds the packed tensors of docs/formats.md §2 (`q_weight` uint32 [N, ceil(K/epw)], `q_scale`
-float16 [N, G], `q_zero` float16 [N, G] for asymmetric kinds; on CPU, 3-bit g128 linears hold them row-interleaved,
+float16 [N, G], `q_zero` float16 [N, G] for asymmetric kinds; on CPU, quantized linears hold them row-interleaved,
 `packing.interleave_rows`, made by the engine at load: `param_interleave` in the library metadata); its bit width,
 group width and zero handling come from the scheme (`mlc_schemes.schemes`), never from constants. `DenseLinear`
 holds a plain `weight` [N, K]. Both call the kernels of `mlc_schemes.model.kernels` (float32 accumulation) and add
@@ -16,7 +16,7 @@ from tvm import te
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
-from mlc_schemes.model.isa import current_isa
+from mlc_schemes.model.isa import current_int8_dot, current_isa
 from mlc_schemes.model.kernels import (
     QuantSpec,
     cpu_matmul_nt,
@@ -71,9 +71,11 @@ class _PackedWeight:
 
     def _init_packed(self, rows: int, cols: int, scheme, interleave: bool = False) -> None:
         """interleave: CPU linears take the row-interleaved layout where `kernels.interleave_for` gives one for
-        the ISA being built (`isa.current_isa()`): [rows/IL, words, IL], [rows/IL, G, IL], made at load."""
+        the ISA being built (`isa.current_isa()`, `current_int8_dot()`): [rows/IL, words, IL], [rows/IL, G, IL],
+        made at load."""
         spec = quant_spec_for(scheme, cols)
-        self.spec = dataclasses.replace(spec, interleave=interleave_for(spec, rows, current_isa()) if interleave else 0)
+        il = interleave_for(spec, rows, cols, current_isa(), current_int8_dot()) if interleave else 0
+        self.spec = dataclasses.replace(spec, interleave=il)
         wshape, sshape = self.spec.shapes(rows, cols)
         self.q_weight = nn.Parameter(wshape, "uint32")
         self.q_scale = nn.Parameter(sshape, "float16")
@@ -96,11 +98,12 @@ class QuantLinear(_PackedWeight, _LinearBase):
 
 class QuantEmbedding(_PackedWeight, nn.Module):
     """Token embedding [V, H] stored like a quantized linear (same parameter names under `embed_tokens`); looked-up
-    rows are dequantized. `weights()` / `spec` let a tied lm_head run the quantized matmul on the same tensors."""
+    rows are dequantized. `weights()` / `spec` let a tied lm_head run the quantized matmul on the same tensors
+    (`interleave`: in the CPU kernels' row-interleaved layout, as `ParamBuilder.embedding` asks for a tied one)."""
 
-    def __init__(self, vocab: int, hidden: int, scheme, dtype: str = "float16"):
+    def __init__(self, vocab: int, hidden: int, scheme, dtype: str = "float16", interleave: bool = False):
         self.vocab, self.hidden, self.dtype = vocab, hidden, dtype
-        self._init_packed(vocab, hidden, scheme)
+        self._init_packed(vocab, hidden, scheme, interleave=interleave)
 
     def weights(self) -> list[nn.Tensor]:
         return self._weights()

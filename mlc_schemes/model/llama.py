@@ -156,7 +156,7 @@ class LlamaModel(nn.Module):
     layer_cls = DecoderLayer
 
     def __init__(self, cfg: LlamaConfig, b: ParamBuilder, dtype: str):
-        self.embed_tokens = b.embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = b.embedding(cfg.vocab_size, cfg.hidden_size, tied=cfg.tie_word_embeddings)
         self.layers = nn.ModuleList([self.layer_cls(cfg, i, b, dtype) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
