@@ -101,11 +101,11 @@ def test_quant_matmul_schedules_for_each_isa(isa, bits, k, m):
 #   tail (and 3 GEMM chunks); a last group of 5 columns inside one word. 4-bit: groups of whole words, 3 GEMM
 #   chunks and a partial last word; 2-bit. N: blocks of 6, 4, 2 or 1 vectors of 8 / 16 rows
 @pytest.mark.parametrize("m", [1, 5])
-@pytest.mark.parametrize("fixed_zero", [None, 1])
-def test_row_interleaved_matches_numpy(isa_name, bits, k, n, m, fixed_zero):
+@pytest.mark.parametrize("sym", [False, True])  # True: a fixed zero 2^(bits-1) - 1, as MLC's symmetric kinds
+def test_row_interleaved_matches_numpy(isa_name, bits, k, n, m, sym):
     """g128 on the row-interleaved layout (`packing.interleave_rows`, blocks of `interleave_for` rows): GEMV (lane =
     row; groups starting mid-word at 3 bits) and the GEMM that decodes whole blocks (M > 1) against float64."""
-    _check_interleaved(BY_NAME[isa_name], bits, k, n, m, fixed_zero)
+    _check_interleaved(BY_NAME[isa_name], bits, k, n, m, 2 ** (bits - 1) - 1 if sym else None)
 
 
 def test_row_interleaved_gemm_input_chunks():

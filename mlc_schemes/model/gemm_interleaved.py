@@ -25,7 +25,7 @@ from tvm.script import tirx as T
 CHUNK_BYTES = 96 * 1024
 
 
-def gemm_tile(rv: int, isa) -> tuple[int, int]:
+def outer_tile(rv: int, isa) -> tuple[int, int]:
     """(RNV row vectors, RM input rows) of the register tile for blocks of `rv` vectors: RNV the largest of 3, 2, 1
     dividing rv, RM so that RM * RNV accumulators + RNV weight vectors + one broadcast fit the register file
     (AVX2 3 x 4: 12 + 3 + 1 = 16, as `kernels.gemm_tile`), at most 8 input rows."""
@@ -41,7 +41,7 @@ def gemm_interleaved(n: int, k: int, quant, out_dtype: str, isa, mc: int):
     epw, bits, gw, mask, blk = quant.epw, quant.bits, quant.group_width, quant.mask, quant.interleave
     vl = isa.lanes
     rv = blk // vl
-    rnv, rm = gemm_tile(rv, isa)
+    rnv, rm = outer_tile(rv, isa)
     words, groups = math.ceil(k / epw), math.ceil(k / gw)
     length = words * epw  # decoded columns (padding codes meet x = 0)
     kw = max(1, CHUNK_BYTES // (blk * 4 * epw))  # words per chunk

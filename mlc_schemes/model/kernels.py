@@ -83,6 +83,8 @@ def interleave_for(quant: QuantSpec, n: int, k: int, isa: CpuIsa, int8_dot: bool
     if int8_dot and gemv_int8.eligible(k, quant, isa):
         return 0
     return next((rv * isa.lanes for rv in INTERLEAVE_VECTORS if n % (rv * isa.lanes) == 0), 0)
+
+
 ROWS = 4  # output rows per parallel task in the M = 1 kernels: x vectors are loaded once for 4 rows, and 4
 #            independent accumulator chains hide the FMA latency
 TASKS = 64  # parallel tasks per M = 1 kernel (split statically over the threads); each runs a range of row blocks
