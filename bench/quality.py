@@ -478,7 +478,8 @@ def _write_report(args, cfg, settings, methods, model_dir, n_eval, fp_ppl, resul
                           f"{cfg.epochs * cfg.n_calib} window-passes of {cfg.calib_seqlen} tokens per block for both "
                           "(GPTQ / AWQ: one pass); blockap + e2e scales: 1 block-loop epoch + 1 epoch of end-to-end "
                           "scale tuning (each window through every block once more), the same "
-                          f"{cfg.epochs * cfg.n_calib} window-passes; its 2 + 1 row: "
+                          f"{cfg.epochs * cfg.n_calib} window-passes (its split row, at W2: each window as two "
+                          f"{cfg.calib_seqlen // 2}-token pieces, the same tokens, twice the steps); its 2 + 1 row: "
                           f"{(cfg.epochs + 1) * cfg.n_calib}, 1.5x the budget"),
             "versions (main env)": f"torch {torch.__version__}, transformers {transformers.__version__}, "
                                    f"python {platform.python_version()}",

@@ -129,7 +129,9 @@ def train_block(block, q_inps, fp_outs, aug_outs, kwargs, cfg: CalibConfig, let,
     groups = param_groups(block, cfg, factors)
     log["lr"] = {g["name"]: g["lr"] for g in groups}
     log["matmul_dtype"] = matmul_dtype(cfg, q_inps.device)
-    opt = torch.optim.AdamW(groups, betas=(cfg.beta1, 0.999), weight_decay=cfg.wd)
+    # fused: one kernel per step over all parameters; torch's default on CPU loops over tensors with ~10 ops each
+    # (SmolLM2 Block-AP step: 14 -> 5 ms of a 70-110 ms step)
+    opt = torch.optim.AdamW(groups, betas=(cfg.beta1, 0.999), weight_decay=cfg.wd, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: factors[t] if t < n_steps else 0.0)
     scaler = torch.amp.GradScaler("cuda") if amp and q_inps.device.type == "cuda" else None
 

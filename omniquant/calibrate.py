@@ -15,7 +15,7 @@ from omniquant.block_train import AMP_CHOICES, SCHEDULES, matmul_dtype
 from omniquant.blockwise import RunState, calibrate_model, learns_nothing
 from omniquant.capture import final_hidden
 from omniquant.config import SUPPORTED_ABITS, CalibConfig
-from omniquant.data import load_tokens, sample_windows
+from omniquant.data import load_tokens, sample_windows, split_windows
 from omniquant.e2e_scales import check_fits, refine_checkpoint, tune_scales
 from omniquant.errors import UserError
 from omniquant.hub import resolve_model
@@ -35,7 +35,7 @@ def validate(cfg: CalibConfig) -> None:
         raise UserError(f"--abits must be one of {', '.join(map(str, SUPPORTED_ABITS))}, got {cfg.abits}")
     if cfg.kv_bits not in SUPPORTED_ABITS:
         raise UserError(f"--kv-bits must be one of {', '.join(map(str, SUPPORTED_ABITS))}, got {cfg.kv_bits}")
-    for name in ("epochs", "nsamples", "seqlen", "batch_size"):
+    for name in ("epochs", "nsamples", "seqlen", "batch_size", "window_split"):
         if getattr(cfg, name) < (0 if name == "epochs" else 1):
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     resolve_recipe(cfg.recipe, cfg.wbits)  # UserError for an unknown recipe
@@ -55,6 +55,9 @@ def validate(cfg: CalibConfig) -> None:
     if cfg.e2e_epochs and (cfg.abits < 16 or cfg.kv_bits < 16):
         raise UserError("--e2e-epochs tunes weight scales of weight-only runs; it does not combine with --abits / "
                         "--kv-bits below 16")
+    if cfg.seqlen % cfg.window_split or cfg.seqlen // cfg.window_split < 2:
+        raise UserError(f"--window-split ({cfg.window_split}) must divide --seqlen ({cfg.seqlen}) into pieces of at "
+                        "least 2 tokens")
     if cfg.nsamples % cfg.batch_size:
         raise UserError(f"--nsamples ({cfg.nsamples}) must be a multiple of --batch-size ({cfg.batch_size})")
 
@@ -97,8 +100,9 @@ def _prepare(model_path, cfg: CalibConfig):
     tokenizer = windows = None  # RTN / LWC at its init quantizes the weights directly: no calibration text is read
     if not learns_nothing(cfg):
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-        windows = sample_windows(load_tokens(tokenizer, cfg.calib_data, split="calib"), cfg.nsamples, cfg.seqlen,
-                                 cfg.seed, bos=config_window_bos(hf_config))
+        bos = config_window_bos(hf_config)
+        windows = split_windows(sample_windows(load_tokens(tokenizer, cfg.calib_data, split="calib"), cfg.nsamples,
+                                               cfg.seqlen, cfg.seed, bos=bos), cfg.window_split, bos)
     return model_path, hf_config, adapter, tokenizer, windows
 
 

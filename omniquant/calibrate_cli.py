@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=D.epochs, help="passes over the calibration windows per block (0 = no training)")
     p.add_argument("--nsamples", type=int, default=D.nsamples, help="number of calibration windows")
     p.add_argument("--seqlen", type=int, default=D.seqlen, help="tokens per calibration window")
+    p.add_argument("--window-split", type=int, default=D.window_split, metavar="PIECES",
+                   help="train each calibration window as PIECES consecutive pieces of --seqlen / PIECES tokens: "
+                        "PIECES times the optimizer steps on the same tokens at about the same compute")
     p.add_argument("--batch-size", "--batch_size", type=int, default=D.batch_size,
                    help="calibration windows per optimizer step (--nsamples must be a multiple)")
     p.add_argument("--recipe", default=D.recipe, choices=RECIPE_CHOICES,

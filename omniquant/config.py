@@ -24,6 +24,9 @@ class CalibConfig:
     nsamples: int = 128
     seqlen: int = 2048
     batch_size: int = 1
+    # each calibration window is trained as this many consecutive pieces: more, shorter optimizer steps on the same
+    # tokens (bench/README.md, "Window pieces")
+    window_split: int = 1
     # peak learning rates; None: budget-aware default, rate / sqrt(sum of the schedule's factors)
     # (quant/recipes.py LR_GROUPS)
     lwc_lr: float | None = None

@@ -82,3 +82,15 @@ def sample_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int, 
     if bos is not None:
         out = torch.cat([torch.full((nsamples, 1), bos, dtype=out.dtype), out[:, : seqlen - 1]], dim=1)
     return out
+
+
+def split_windows(windows: torch.Tensor, pieces: int, bos: int | None = None) -> torch.Tensor:
+    """LongTensor [n * pieces, L / pieces]: each window [n, L] cut into `pieces` consecutive pieces (window 0's
+    first). With `bos` every piece starts with it, as the windows do: a later piece's first text token gives way."""
+    n, length = windows.shape
+    if length % pieces:
+        raise UserError(f"--window-split {pieces} does not divide --seqlen {length}")
+    out = windows.reshape(n * pieces, length // pieces).clone()
+    if bos is not None:
+        out[:, 0] = bos
+    return out

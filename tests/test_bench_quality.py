@@ -277,6 +277,11 @@ def test_quick_budget_is_the_same_for_every_method_and_recipes_are_forwarded(tmp
         c = cmd(name, QUICK)
         assert c[c.index("--e2e-epochs") + 1] == "1" and c[c.index("--epochs") + 1] == str(epochs), name
     assert "--e2e-epochs" not in cmd("omniquant-blockap", QUICK)
+    # the split row: the same 1 + 1 epochs on the same windows, each trained as two pieces; at W2 only
+    c = cmd("omniquant-blockap-e2e-split", QUICK)
+    assert c[c.index("--window-split") + 1] == "2" and c[c.index("--epochs") + 1] == str(QUICK.epochs - 1)
+    assert runs(METHODS["omniquant-blockap-e2e-split"], parse_setting("w2g64")) and not runs(
+        METHODS["omniquant-blockap-e2e-split"], s)
     c = cmd("omniquant", dataclasses.replace(QUICK, lwc_lr=0.3))
     assert float(c[c.index("--lwc-lr") + 1]) == 0.3
     assert "--lwc-lr" not in cmd("rtn", QUICK) and "--epochs" not in cmd("omniquant-small", QUICK)

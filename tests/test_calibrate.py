@@ -97,6 +97,39 @@ def _tensors(d: Path) -> dict:
     return {**load_file(str(d / "model.safetensors")), **load_file(str(d / "quant_params.safetensors"))}
 
 
+def test_split_windows_pieces_and_bos():
+    from omniquant.data import split_windows
+    from omniquant.errors import UserError
+
+    w = torch.arange(2 * 12).reshape(2, 12)
+    s = split_windows(w, 3)
+    assert s.shape == (6, 4) and torch.equal(s[1], w[0, 4:8]) and torch.equal(s[3], w[1, :4])
+    b = split_windows(w, 2, bos=99)  # every piece starts with BOS, as the windows do
+    assert b[:, 0].tolist() == [99] * 4 and torch.equal(b[1, 1:], w[0, 7:]) and w[0, 0] == 0  # input untouched
+    with pytest.raises(UserError, match="does not divide"):
+        split_windows(w, 5)
+
+
+def test_window_split_trains_on_the_pieces(tiny_llama_dir, calib_text, tmp_path, monkeypatch):
+    """--window-split 2 on [2, 32] windows equals a run whose windows are the [4, 16] pieces, bit for bit (block
+    loop and e2e stage: steps, rates and orders all follow the pieces)."""
+    import omniquant.calibrate as cal
+    from omniquant.data import sample_windows, split_windows
+
+    kw = {"wbits": 3, "group_size": 64, "recipe": "blockap", "epochs": 1, "e2e_epochs": 1, "seed": 3,
+          "calib_data": calib_text}
+    split, _, qc_split, _ = quantize_in_memory(tiny_llama_dir, CalibConfig(nsamples=2, seqlen=32, window_split=2, **kw),
+                                                tmp_path / "a")
+    pieces = split_windows(sample_windows(load_tokens(AutoTokenizer.from_pretrained(tiny_llama_dir), calib_text), 2,
+                                          32, 3), 2)
+    monkeypatch.setattr(cal, "sample_windows", lambda *a, **k: pieces)
+    plain, _, qc_plain, _ = quantize_in_memory(tiny_llama_dir, CalibConfig(nsamples=4, seqlen=16, **kw), tmp_path / "b")
+    assert qc_split["calibration"]["e2e"]["steps"] == 4
+    assert qc_split["calibration"]["block_log"][0]["lr"] == qc_plain["calibration"]["block_log"][0]["lr"]
+    a, b = split.state_dict(), plain.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_kill_and_resume_is_bit_identical(tiny_llama_dir, calib_text, tmp_path):
     args = ["--model", str(tiny_llama_dir), "--wbits", "3", "--group-size", "64", "--epochs", "2",
             "--nsamples", "4", "--seqlen", "64", "--seed", "3", "--calib-data", calib_text]
@@ -211,6 +244,7 @@ def test_bad_inputs_give_one_clear_error(tiny_llama_dir, calib_text, tmp_path, c
         "fewer than one window": [*base, "--calib-data", str(short)],
         "not writable": [*base[:3], "--output", str(short / "sub"), *base[5:]],
         "abits must be one of": [*base, "--abits", "3"],
+        "window-split (3) must divide --seqlen (32)": [*base, "--window-split", "3"],
     }
     for expected, argv in cases.items():
         assert main(argv) == 2, expected

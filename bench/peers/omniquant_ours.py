@@ -41,6 +41,8 @@ def _extra(ap):
     ap.add_argument("--e2e-epochs", type=int, default=0,
                     help="end-to-end scale tuning passes after the block loop (each pass: one more window-pass per "
                          "window through every block)")
+    ap.add_argument("--window-split", type=int, default=1,
+                    help="train each shared window as this many consecutive pieces (same tokens, more steps)")
     ap.add_argument("--lwc-lr", type=float, default=None, help="peak LWC learning rate (default: budget-aware)")
     ap.add_argument("--cli-defaults", action="store_true",
                     help="omniquant calibrate's defaults at the small budget 2 epochs x 16 x 256 (own windows)")
@@ -63,7 +65,8 @@ def main() -> None:
     if not torch.equal(ours, windows):
         sys.exit("calibrate_checkpoint would draw different calibration windows than the shared file")
     settings = {"recipe": args.recipe, "epochs": args.epochs, "batch_size": args.batch_size, "lwc_lr": args.lwc_lr,
-                "e2e_epochs": args.e2e_epochs, "nsamples": n, "seqlen": seqlen, "seed": args.seed}
+                "e2e_epochs": args.e2e_epochs, "window_split": args.window_split, "nsamples": n, "seqlen": seqlen,
+                "seed": args.seed}
     if args.cli_defaults:  # only what a new user types: everything else (seed, batch size, rates) is the default
         settings = {"recipe": args.recipe, "epochs": 2, "nsamples": 16, "seqlen": 256}
     base = load_model(args.model)
@@ -94,9 +97,11 @@ def main() -> None:
     cal = qc["calibration"]
     first_lr = next((b["lr"] for b in cal.get("block_log") or [] if b.get("lr")), {})  # RTN: none
     lrs = ", ".join(f"{g} {lr:.3g}" for g, lr in first_lr.items())
+    pieces = cal.get("window_split", 1)
+    split = f" (each window trained as {pieces} pieces of {cal['seqlen'] // pieces})" if pieces > 1 else ""
     what = "round-to-nearest, asymmetric integer zero" if rtn else (
         f"{qc['recipe']}{' + LET' if weight_act else ''}, {cal['epochs']} epochs x {cal['nsamples']} x "
-        f"{cal['seqlen']} tokens, batch {cal['batch_size']}, {cal['lr_schedule']} lr: {lrs}, clipping from "
+        f"{cal['seqlen']} tokens{split}, batch {cal['batch_size']}, {cal['lr_schedule']} lr: {lrs}, clipping from "
         f"{qc.get('clip_init', 'minmax')}"
         + (" (CLI defaults, own windows, seed 2)" if args.cli_defaults else ""))
     if weight_act:
@@ -106,7 +111,8 @@ def main() -> None:
                 packages=("omniquant-mlc",), notes=f"{what}; {padding}", other_params=other, act_offsets=offsets,
                 extra={"abits": args.abits,
                        "calibration_settings": {k: qc["calibration"].get(k) for k in
-                                                ("recipe", "epochs", "nsamples", "seqlen", "batch_size", "lwc",
+                                                ("recipe", "epochs", "nsamples", "seqlen", "window_split",
+                                                 "batch_size", "lwc",
                                                  "let", "lwc_lr", "lr_schedule", "keep_best", "seed")},
                        "learning_rates": first_lr or None})
 
