@@ -49,7 +49,7 @@ LLAMACPP_CMAKE = {
 }
 # /proc/cpuinfo flags an instruction set needs (checked before its code runs here).
 ISA_FLAGS = {"avx2": {"avx2", "fma", "f16c", "bmi2"}, "avx512": {"avx512f", "avx512bw", "avx512dq", "avx512vl"}}
-SCHEMES = {"w4a16g128asym": (4, 128), "w3a16g128asym": (3, 128)}
+BITS = (4, 3)  # code widths of the quantized libraries (g128 asymmetric), --bits
 METRICS = ("prefill_tok_per_s", "decode_tok_per_s", "peak_rss_mib")
 
 TORCH_SCRIPT = textwrap.dedent("""
@@ -117,9 +117,10 @@ def _env(threads: int) -> dict:
 
 def prepare_libs(hf_dir: Path, work: Path, epochs: int, calib_data: str,
                  embedding_scheme: str | None = "w8a16g128asym", isa: str = "native",
-                 dense: bool = True, int8_dot: bool = True) -> dict[str, tuple[Path, Path, bool]]:
-    """-> {label: (packed dir, library, int8 dot)} for W4g128, W3g128 (W4 also with `compile --int8-dot` when
-    `int8_dot`; fp16 with `dense`) compiled for `isa`, built once and cached in `work`."""
+                 dense: bool = True, int8_dot: bool = True, bits: tuple[int, ...] = BITS
+                 ) -> dict[str, tuple[Path, Path, bool]]:
+    """-> {label: (packed dir, library, int8 dot)} for each code width of `bits` at g128 (W4 also with `compile
+    --int8-dot` when `int8_dot`; fp16 with `dense`) compiled for `isa`, built once and cached in `work`."""
     from mlc_schemes import pack_checkpoint
     from mlc_schemes.compile import (
         compile_packed,
@@ -130,12 +131,12 @@ def prepare_libs(hf_dir: Path, work: Path, epochs: int, calib_data: str,
     from mlc_schemes.dense_pack import pack_dense_fp16
     from omniquant.calibrate import calibrate_checkpoint
 
-    out = {}
-    for scheme, (bits, gs) in SCHEMES.items():
-        fq = work / f"fq-w{bits}g{gs}-e{epochs}"
+    out, gs = {}, 128
+    for b in bits:
+        scheme, fq = f"w{b}a16g{gs}asym", work / f"fq-w{b}g{gs}-e{epochs}"
         if not fq.exists():
             # RTN (epochs 0) needs no calibration data: one short sample keeps the block pass cheap.
-            calibrate_checkpoint(hf_dir, fq, wbits=bits, group_size=gs, epochs=epochs, lwc=epochs > 0,
+            calibrate_checkpoint(hf_dir, fq, wbits=b, group_size=gs, epochs=epochs, lwc=epochs > 0,
                                  nsamples=16 if epochs else 1, seqlen=512 if epochs else 64, calib_data=calib_data)
         emb = f"-emb-{embedding_scheme}" if embedding_scheme else ""
         packed = work / f"packed-{scheme}-e{epochs}{emb}"
@@ -143,7 +144,7 @@ def prepare_libs(hf_dir: Path, work: Path, epochs: int, calib_data: str,
             pack_checkpoint(fq, scheme, packed, embedding_scheme=embedding_scheme)
         label = f"tvm {scheme}" + (f" + {embedding_scheme.split('a16')[0]} embedding" if embedding_scheme else "")
         out[label] = (packed, work / f"lib-{scheme}-e{epochs}{emb}-{isa}.so", False)
-        if int8_dot and bits == 4:
+        if int8_dot and b == 4:
             out[label + ", int8 dot"] = (packed, work / f"lib-{scheme}-e{epochs}{emb}-{isa}-int8dot.so", True)
     if dense:
         dense_dir = work / "packed-fp16"
@@ -221,6 +222,8 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--gen-len", type=int, default=128)
     ap.add_argument("--epochs", type=int, default=0, help="0 = RTN (speed does not depend on the calibration)")
+    ap.add_argument("--bits", default=",".join(map(str, BITS)),
+                    help="code widths of the quantized libraries, g128 asymmetric (default: %(default)s; 2 adds W2)")
     ap.add_argument("--embedding-scheme", default="w8a16g128asym",
                     help="scheme of the tied embedding / lm_head in the quantized libraries ('none': float16)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds over all engines; the median is reported")
@@ -254,7 +257,8 @@ def main() -> int:
     engines = []  # (name, isa, command, JSON file written by the command or None = last JSON line of its stdout)
     for isa in isas:
         libs = prepare_libs(hf_dir, args.work, args.epochs, str(austen_dir() / CALIB_BOOKS[0]), emb, isa,
-                            dense=isa == "native" and not args.skip_fp16, int8_dot=not args.no_int8_dot)
+                            dense=isa == "native" and not args.skip_fp16, int8_dot=not args.no_int8_dot,
+                            bits=tuple(int(b) for b in args.bits.split(",") if b))
         if isa == isas[0]:
             w4_libs = {label: (packed, lib) for label, (packed, lib, _) in libs.items() if "w4a16" in label}
         for label, (packed, lib, _i8) in libs.items():

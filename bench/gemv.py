@@ -96,7 +96,7 @@ def main() -> int:
     import tvm
 
     from mlc_schemes.compile import make_target
-    from mlc_schemes.model.isa import BY_NAME, isa_of_target
+    from mlc_schemes.model.isa import BY_NAME, isa_of_target, use_isa
     from mlc_schemes.packing import interleave_rows
 
     kern = _load_kernels(args.kernels)
@@ -110,34 +110,36 @@ def main() -> int:
     print(f"target mcpu {target.attrs['mcpu']}, schedule {sched.name} ({sched.lanes} lanes), M = {args.m}, "
           f"threads {os.environ.get('TVM_NUM_THREADS', 'all')}")
     print(f"{'kernel':24s} {'wall us':>10s} {'cpu us':>10s} {'GB/s':>7s}")
-    for n, k in SHAPES[args.shapes]:
-        if args.only and args.only not in f"{n}x{k}":
-            continue
-        for kind in kinds:
-            if kind == "dense":
-                f = kern.cpu_matmul_nt(n, k, "float16", "float16", None, w_dtype="float16", **isa_kw)
-                ws = [rng.standard_normal((n, k)).astype(np.float16)]
-            elif kind == "i8":
-                f = kern.cpu_matmul_nt(n, k, "float16", "float16", kern.QuantSpec(4, 128, None), int8_dot=True,
-                                       **isa_kw)
-                ws = _weights(rng, n, k, 4)
-            else:
-                spec = kern.QuantSpec(kind, 128, None)
-                ws = _weights(rng, n, k, kind)
-                if args.layout == "deployed" and hasattr(kern, "interleave_for"):
-                    spec = dataclasses.replace(spec, interleave=kern.interleave_for(spec, n, k, sched))
-                if getattr(spec, "interleave", 0):  # the row-interleaved layout the engine loads
-                    ws = [interleave_rows(w, spec.interleave) for w in ws]
-                f = kern.cpu_matmul_nt(n, k, "float16", "float16", spec, **isa_kw)
-            ex = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=target)
-            a = [tvm.runtime.tensor(np.ascontiguousarray(v), dev)
-                 for v in [rng.standard_normal((args.m, k)).astype(np.float16), *ws]]
-            y = tvm.runtime.empty((args.m, n), "float16", dev)
-            wall, cpu = _time(ex["main"], [*a, y], args.reps, args.rounds)
-            nbytes = sum(w.nbytes for w in ws)
-            key = f"{ {'dense': 'f16', 'i8': 'q4i8'}.get(kind, f'q{kind}')} {n}x{k}"
-            res[key] = {"wall_us": round(wall, 1), "cpu_us": round(cpu, 1), "gb_per_s": round(nbytes / wall / 1e3, 2)}
-            print(f"{key:24s} {wall:10.1f} {cpu:10.1f} {nbytes / wall / 1e3:7.2f}", flush=True)
+    # kernels that emit target-only instructions (gemv_lookup) check the target, not the schedule
+    with use_isa(isa_of_target(target)):
+        for n, k in SHAPES[args.shapes]:
+            if args.only and args.only not in f"{n}x{k}":
+                continue
+            for kind in kinds:
+                if kind == "dense":
+                    f = kern.cpu_matmul_nt(n, k, "float16", "float16", None, w_dtype="float16", **isa_kw)
+                    ws = [rng.standard_normal((n, k)).astype(np.float16)]
+                elif kind == "i8":
+                    f = kern.cpu_matmul_nt(n, k, "float16", "float16", kern.QuantSpec(4, 128, None), int8_dot=True,
+                                           **isa_kw)
+                    ws = _weights(rng, n, k, 4)
+                else:
+                    spec = kern.QuantSpec(kind, 128, None)
+                    ws = _weights(rng, n, k, kind)
+                    if args.layout == "deployed" and hasattr(kern, "interleave_for"):
+                        spec = dataclasses.replace(spec, interleave=kern.interleave_for(spec, n, k, sched))
+                    if getattr(spec, "interleave", 0):  # the row-interleaved layout the engine loads
+                        ws = [interleave_rows(w, spec.interleave) for w in ws]
+                    f = kern.cpu_matmul_nt(n, k, "float16", "float16", spec, **isa_kw)
+                ex = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=target)
+                a = [tvm.runtime.tensor(np.ascontiguousarray(v), dev)
+                     for v in [rng.standard_normal((args.m, k)).astype(np.float16), *ws]]
+                y = tvm.runtime.empty((args.m, n), "float16", dev)
+                wall, cpu = _time(ex["main"], [*a, y], args.reps, args.rounds)
+                nbytes = sum(w.nbytes for w in ws)
+                key = f"{ {'dense': 'f16', 'i8': 'q4i8'}.get(kind, f'q{kind}')} {n}x{k}"
+                res[key] = {"wall_us": round(wall, 1), "cpu_us": round(cpu, 1), "gb_per_s": round(nbytes / wall / 1e3, 2)}
+                print(f"{key:24s} {wall:10.1f} {cpu:10.1f} {nbytes / wall / 1e3:7.2f}", flush=True)
     out = {"load_1m": os.getloadavg()[0], "mcpu": str(target.attrs["mcpu"]), "schedule": sched.name, "m": args.m,
            "layout": args.layout, "threads": os.environ.get("TVM_NUM_THREADS"), "results": res}
     print(f"load average {out['load_1m']:.1f}")

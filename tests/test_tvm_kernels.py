@@ -114,24 +114,42 @@ def test_row_interleaved_gemm_input_chunks():
     _check_interleaved(BY_NAME["avx512"], 3, 576, 64, 131, None)
 
 
-def _check_interleaved(isa, bits, k, n, m, fixed_zero):
+@pytest.mark.parametrize("k,gs", [(576, 128), (1100, 128), (300, 40), (200, 32)])
+@pytest.mark.parametrize("sym", [False, True])
+def test_lookup_gemv_matches_numpy(k, gs, sym):
+    """2-bit decode GEMV by table lookup (`gemv_lookup`, AVX-512): 5-bit chunks straddle codes; g40 groups start
+    mid-word, so a chunk holds bits of two groups (looked up twice); partial last word and group."""
+    from mlc_schemes.model import gemv_lookup
+    from mlc_schemes.model.isa import AVX2, AVX512, host_isa, use_isa
+
+    with use_isa(AVX2):  # an AVX-512 schedule built for an AVX2 target keeps gemv_interleaved
+        assert not gemv_lookup.serves(QuantSpec(2, gs, None), AVX512)
+    if host_isa() is not AVX512:
+        pytest.skip("the permute needs an AVX-512 host")
+    assert gemv_lookup.serves(QuantSpec(2, gs, None), AVX512)
+    assert not gemv_lookup.serves(QuantSpec(3, gs, None), AVX512)
+    assert not gemv_lookup.serves(QuantSpec(2, gs, None), AVX2)
+    _check_interleaved(BY_NAME["avx512"], 2, k, 96, 1, 1 if sym else None, gs)
+
+
+def _check_interleaved(isa, bits, k, n, m, fixed_zero, gs=128):
     from mlc_schemes.model.kernels import interleave_for
     from mlc_schemes.packing import interleave_rows
 
     rng = np.random.default_rng(k + n + m + isa.lanes + bits)
-    groups = math.ceil(k / 128)
+    groups = math.ceil(k / gs)
     qmax = 2**bits - 1 if fixed_zero is None else 2 * fixed_zero
     codes = rng.integers(0, qmax + 1, (n, k))
     codes[:, -1] = qmax  # the top field of the last word
     scale = (rng.random((n, groups)) * 0.05 + 0.01).astype(np.float16)
     zero = rng.integers(0, qmax + 1, (n, groups)).astype(np.float16) if fixed_zero is None else None
     x = rng.standard_normal((m, k)).astype(np.float32)
-    g = np.arange(k) // 128
+    g = np.arange(k) // gs
     z64 = zero.astype(np.float64)[:, g] if zero is not None else float(fixed_zero)
     ref = x.astype(np.float64) @ ((codes - z64) * scale.astype(np.float64)[:, g]).T
-    block = interleave_for(QuantSpec(bits, 128, fixed_zero), n, k, isa)
+    block = interleave_for(QuantSpec(bits, gs, fixed_zero), n, k, isa)
     assert block % isa.lanes == 0 and n % block == 0
-    func = cpu_matmul_nt(n, k, "float32", "float32", QuantSpec(bits, 128, fixed_zero, interleave=block), isa=isa)
+    func = cpu_matmul_nt(n, k, "float32", "float32", QuantSpec(bits, gs, fixed_zero, interleave=block), isa=isa)
     args = [x, interleave_rows(pack_codes(codes, bits), block), interleave_rows(scale, block)] + (
         [interleave_rows(zero, block)] if zero is not None else [])
     out = _run(func, args, m, n, "float32")

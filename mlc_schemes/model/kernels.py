@@ -10,7 +10,8 @@ Two weight sources share one kernel shape:
 CPU (llvm): hand-written TIR, two paths chosen at run time on M:
 
 - M = 1 (decode), the GEMV that dominates a decode step. The CPU library takes packed linears with their rows
-  interleaved at load (`QuantSpec.interleave`, `interleave_for`): `gemv_interleaved` (lane = row). On MLC's layout
+  interleaved at load (`QuantSpec.interleave`, `interleave_for`): `gemv_interleaved` (lane = row; 2-bit codes on
+  AVX-512 take `gemv_lookup`, five packed bits per table-lookup permute). On MLC's layout
   (an N no block divides, or the opt-in int8-activation `gemv_int8.gemv_int8` for 4-bit) `_gemv_quant` (lane =
   word; `_gemv_quant_window` for groups starting mid-word). All work on raw packed words (one contiguous vector
   load of words, each code isolated by a single AND with its in-word mask and converted, x pre-scaled once per
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 from tvm import te, tirx
 from tvm.script import tirx as T
 
-from mlc_schemes.model import gemv_int8
+from mlc_schemes.model import gemv_int8, gemv_lookup
 from mlc_schemes.model.gemm_interleaved import gemm_interleaved
 from mlc_schemes.model.gemv_interleaved import gemv_interleaved
 from mlc_schemes.model.isa import CpuIsa, current_int8_dot, current_isa, record_int8_dot
@@ -242,6 +243,8 @@ def _cpu_matmul_nt(n, k, x_dtype, out_dtype, quant, w_dtype, isa: CpuIsa, int8_d
     # other groups (3-bit g128) take the windowed variant, which reads a few words twice.
     if int8_dot:
         gemv = gemv_int8.gemv_int8(n, k, quant, out_dtype, TASKS)
+    elif il and gemv_lookup.serves(quant, isa):
+        gemv = gemv_lookup.gemv_lookup(n, k, quant, out_dtype, TASKS, isa.lanes)
     elif il:
         gemv = gemv_interleaved(n, k, quant, out_dtype, TASKS, isa.lanes)
     elif gw % epw == 0:
