@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from omniquant.paths import EVAL_BOOKS, austen_dir  # noqa: E402
+from omniquant.paths import EVAL_BOOKS, austen_dir
 
 
 def main() -> int:

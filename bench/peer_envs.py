@@ -76,7 +76,7 @@ def ensure_venv(peer: str, root: Path = VENV_ROOT, log=sys.stderr) -> Path:
     print(f"[peer_envs] installing {peer}: {' '.join(cmd[3:])} (log: {logfile})", file=log, flush=True)
     t0 = time.time()
     with open(logfile, "w") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, check=False).returncode
     if rc != 0:
         tail = "".join(logfile.read_text().splitlines(keepends=True)[-15:])
         raise RuntimeError(f"pip install for {peer} failed (rc={rc}); see {logfile}:\n{tail}")

@@ -184,7 +184,7 @@ def run_method(method, setting, cfg, model, windows, work: Path, calib_src: str,
     try:
         with _INSTALL_LOCK:
             py = Path(sys.executable) if method.env is None else ensure_venv(method.env)
-    except Exception as e:  # a peer that cannot be installed is reported, the run goes on
+    except Exception as e:  # noqa: BLE001 -- a peer that cannot be installed is reported, the run goes on
         return failed(f"install failed: {e}".splitlines()[0])
     env = dict(os.environ, **method.env_vars)
     env["PYTHONPATH"] = str(REPO) if method.env is None else ""
@@ -197,7 +197,8 @@ def run_method(method, setting, cfg, model, windows, work: Path, calib_src: str,
         with open(log, "w") as f:
             f.write(" ".join(cmd) + "\n")
             f.flush()
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout,
+                                check=False).returncode
     except subprocess.TimeoutExpired:
         return failed(f"timed out after {timeout} s (log: {log})")
     if rc != 0 or not (out / "meta.json").exists():

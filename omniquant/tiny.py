@@ -54,7 +54,8 @@ def _train_tokenizer(vocab_size: int = VOCAB, gemma: bool = False):
 def _config(arch: str, vocab_size: int):
     import transformers as tf
 
-    common = dict(vocab_size=vocab_size, max_position_embeddings=1024, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    common = {"vocab_size": vocab_size, "max_position_embeddings": 1024,
+              "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
     if arch == "qwen3":  # layer 0 global, layer 1 local (Qwen's max_window_layers rule)
         return tf.Qwen3Config(
             hidden_size=192, intermediate_size=320, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,

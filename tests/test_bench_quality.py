@@ -420,7 +420,7 @@ def test_weight_act_scoring_equals_load_quantized(tiny_llama_dir, tiny_tok, cali
     cmd = _method_cmd(METHODS["omniquant"], Path(sys.executable), tiny_llama_dir, tmp_path / "w.safetensors", s,
                       tmp_path / "out", QUICK, calib_text) + ["--keep-checkpoint"]
     assert cmd[cmd.index("--abits") + 1] == "4" and cmd[cmd.index("--epochs") + 1] == str(QUICK.wa_epochs)
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert meta["abits"] == 4 and meta["other_params_changed"]  # LET rescaled the norms

@@ -24,7 +24,7 @@ from omniquant.quant.codes import dequantize, recompute_codes
 from omniquant.quant.qlinear import QuantLinear, replace_linears
 from omniquant.quant.spec import WeightQuantSpec
 
-SMALL = dict(nsamples=8, seqlen=64, seed=0)
+SMALL = {"nsamples": 8, "seqlen": 64, "seed": 0}
 
 
 def _block0_mse(model_dir, calib_text, lwc: bool, bits=2, gs=64, epochs=4):
@@ -53,7 +53,8 @@ def test_calibrated_ppl_beats_rtn_on_held_text(bits, trained_llama_dir, calib_te
     held = load_tokens(tok, eval_text, split="eval")
     ppls = {}
     # 4 epochs x 8 windows is ~30 steps per block (the paper: 2560), so a higher LWC lr than the default 1e-2
-    for name, kw in {"rtn": dict(lwc=False, epochs=0), "omniquant": dict(lwc=True, epochs=4, lwc_lr=5e-2)}.items():
+    runs = {"rtn": {"lwc": False, "epochs": 0}, "omniquant": {"lwc": True, "epochs": 4, "lwc_lr": 5e-2}}
+    for name, kw in runs.items():
         cfg = CalibConfig(wbits=bits, group_size=128, calib_data=calib_text, **SMALL, **kw)
         model, *_ = quantize_in_memory(trained_llama_dir, cfg, tmp_path / f"state-{name}")
         ppls[name] = perplexity(model, held, 128, max_windows=24)
@@ -137,7 +138,7 @@ def test_kill_and_resume_is_bit_identical(tiny_llama_dir, calib_text, tmp_path):
 
     cmd = [sys.executable, "-m", "omniquant", "calibrate", *args, "--output", str(tmp_path / "resumed")]
     env = {**os.environ, "OMNIQUANT_TEST_KILL_AFTER_BLOCK": "0"}
-    killed = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    killed = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     assert killed.returncode == -9, killed.stderr[-2000:]
     state = tmp_path / "resumed.state"
     assert (state / "block_0000.safetensors").exists() and not (state / "block_0001.safetensors").exists()
@@ -150,9 +151,9 @@ def test_kill_and_resume_is_bit_identical(tiny_llama_dir, calib_text, tmp_path):
     assert not state.exists()
 
 
-@pytest.mark.parametrize("kw", [dict(lwc=False, epochs=0, group_size=128),
-                                dict(lwc=True, epochs=0, group_size=64, symmetric=True),
-                                dict(lwc=False, epochs=2, group_size=64, aug_loss=True)])
+@pytest.mark.parametrize("kw", [{"lwc": False, "epochs": 0, "group_size": 128},
+                                {"lwc": True, "epochs": 0, "group_size": 64, "symmetric": True},
+                                {"lwc": False, "epochs": 2, "group_size": 64, "aug_loss": True}])
 def test_direct_path_equals_blockwise_bit_for_bit(kw, tiny_llama_dir, calib_text, tmp_path, monkeypatch):
     """Nothing learned (RTN, LWC at init): quantizing the weights directly gives the block-wise path's checkpoint
     and sidecar exactly, without capturing block inputs or reading the calibration text."""
@@ -185,7 +186,7 @@ def test_direct_path_kill_and_resume(tiny_llama_dir, tmp_path):
     assert main(["calibrate", *args, "--output", str(tmp_path / "full")]) == 0
     cmd = [sys.executable, "-m", "omniquant", "calibrate", *args, "--output", str(tmp_path / "resumed")]
     killed = subprocess.run(cmd, env={**os.environ, "OMNIQUANT_TEST_KILL_AFTER_BLOCK": "0"}, capture_output=True,
-                            text=True)
+                            text=True, check=False)
     assert killed.returncode == -9, killed.stderr[-2000:]
     state = tmp_path / "resumed.state"
     assert [p.name for p in state.iterdir()] == ["run.json"] and not (tmp_path / "resumed").exists()
@@ -199,7 +200,9 @@ def test_direct_path_kill_and_resume(tiny_llama_dir, tmp_path):
 def test_resume_with_different_settings_is_refused(tiny_llama_dir, calib_text, tmp_path):
     args = ["--model", str(tiny_llama_dir), "--epochs", "1", "--nsamples", "2", "--seqlen", "32", "--calib-data", calib_text]
     cmd = [sys.executable, "-m", "omniquant", "calibrate", *args, "--wbits", "3", "--output", str(tmp_path / "o")]
-    subprocess.run(cmd, env={**os.environ, "OMNIQUANT_TEST_KILL_AFTER_BLOCK": "0"}, capture_output=True)
+    killed = subprocess.run(cmd, env={**os.environ, "OMNIQUANT_TEST_KILL_AFTER_BLOCK": "0"}, capture_output=True,
+                            check=False)
+    assert killed.returncode == -9
     rc = main(["calibrate", *args, "--wbits", "4", "--output", str(tmp_path / "o"), "--resume", str(tmp_path / "o.state")])
     assert rc == 2 and not (tmp_path / "o").exists()
 

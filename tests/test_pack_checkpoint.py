@@ -25,7 +25,7 @@ EVAL = str(austen_dir() / EVAL_BOOKS[0])
 def _calibrate(src: Path, out: Path, **kw) -> Path:
     from omniquant.calibrate import calibrate_checkpoint
 
-    settings = dict(nsamples=4, seqlen=64, calib_data=CALIB, epochs=0, lwc=False) | kw
+    settings = {"nsamples": 4, "seqlen": 64, "calib_data": CALIB, "epochs": 0, "lwc": False} | kw
     return calibrate_checkpoint(src, out, **settings)
 
 
@@ -273,12 +273,12 @@ def test_embedding_scheme_quantizes_embedding_and_untied_lm_head(work, fq_w3, pa
 
 
 def _no_leftovers(parent: Path, before: set[str]) -> None:
-    assert set(p.name for p in parent.iterdir()) == before
+    assert {p.name for p in parent.iterdir()} == before
 
 
 @pytest.mark.parametrize("scheme", ["w4a16g128asym", "w3a16g64asym", "q3f16_1", "w3a16asym"])
 def test_scheme_not_matching_the_calibration_is_rejected(work, fq_w3, scheme):
-    before = set(p.name for p in work.iterdir())
+    before = {p.name for p in work.iterdir()}
     with pytest.raises(UserError, match="calibrated with wbits=3, group_size=128, asymmetric"):
         pack_checkpoint(fq_w3, scheme, work / "never", progress=False)
     _no_leftovers(work, before)
@@ -318,7 +318,7 @@ def test_inconsistent_sidecar_is_rejected_without_leftovers(tmp_path, fq_w3, cas
             del side[f"{name}.zeros"]
 
     bad = _broken_copy(fq_w3, tmp_path / "bad", edit)
-    before = set(p.name for p in tmp_path.iterdir())
+    before = {p.name for p in tmp_path.iterdir()}
     with pytest.raises(UserError, match=message):
         pack_checkpoint(bad, "w3a16g128asym", tmp_path / "out", progress=False)
     _no_leftovers(tmp_path, before)

@@ -15,7 +15,7 @@ from hqq.core.quantize import Quantizer
 
 def main() -> None:
     args = parse_args()
-    model, windows, fp_loss0 = load_inputs(args)
+    model, _windows, fp_loss0 = load_inputs(args)
     timer, weights, straddling = Timer(), {}, 0
     with timer():
         for name, lin in quantizable_linears(model).items():

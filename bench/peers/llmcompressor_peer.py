@@ -16,7 +16,7 @@ i.e. exactly the weights its quantized forward uses. AWQ on CPU needs ``Intermed
 from __future__ import annotations
 
 import torch
-from common import Timer, load_inputs, changed_params, snapshot_params, parse_args, quantizable_linears, save_result
+from common import Timer, changed_params, load_inputs, parse_args, quantizable_linears, save_result, snapshot_params
 
 
 def _extra(ap):
@@ -44,7 +44,7 @@ def main() -> None:
                                        "strategy": "token", "dynamic": True}
     linears = quantizable_linears(model)
     ragged = [] if per_channel else [name for name, m in linears.items() if m.in_features % args.group_size]
-    quant_kw = dict(config_groups={"group_0": scheme}, ignore=["lm_head", *ragged])
+    quant_kw = {"config_groups": {"group_0": scheme}, "ignore": ["lm_head", *ragged]}
     if args.method == "smoothquant":
         from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
 
