@@ -45,6 +45,7 @@ from omniquant.block_train import (
 from omniquant.capture import block_forward, capture_block_inputs
 from omniquant.config import CalibConfig
 from omniquant.errors import UserError
+from omniquant.heap import release_freed_memory
 from omniquant.models.base import Adapter
 from omniquant.quant.clip_init import STAT_WINDOWS, init_clipping, input_second_moments
 from omniquant.quant.norm_gain import attach_norm_gains, bake_norm_gains
@@ -269,6 +270,7 @@ def _quantize_directly(blocks, adapter: Adapter, cfg: CalibConfig, state: RunSta
         # the same log as the block-wise path gives an untrained block
         result.block_log.append({"block": i, "epoch_loss": [], "nan": None})
         blocks.finish(i, block, result)
+        release_freed_memory()
         _kill_hook(i)
     return result
 

@@ -146,6 +146,31 @@ def test_fused_fake_quant_gradients_equal_the_ste_graph(with_offset):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("with_offset", [False, True])
+def test_no_grad_fake_quant_equals_the_training_forward(with_offset):
+    """`GroupFakeQuant.values` (what a quantizer runs under no_grad: export, the quantized stream) gives the same bits
+    as the autograd forward, codes clamped at both ends included; a quantizer's no_grad output equals its grad one."""
+    from omniquant.quant.fakequant import GroupFakeQuant
+
+    gen = torch.Generator().manual_seed(4)
+    n, g, gs, qmax = 8, 4, 32, 7
+    wg = torch.randn(n, g, gs, generator=gen) * 3
+    scale = torch.rand(n, g, generator=gen) * 0.3 + 0.1
+    zero = torch.randint(0, qmax + 1, (n, g), generator=gen).float()
+    v = (torch.rand(n, g, gs, generator=gen) - 0.5) if with_offset else None
+    ref = GroupFakeQuant.apply(wg.clone().requires_grad_(), scale, zero, v, qmax)
+    got = GroupFakeQuant.values(wg, scale, zero, v, qmax)
+    s, z = scale[..., None], zero[..., None]
+    assert (ref == -z * s).any() and (ref == (qmax - z) * s).any()  # codes at both ends of the range
+    assert torch.equal(got, ref.detach())
+
+    w = torch.randn(16, 96, generator=gen)
+    quant = LWCQuantizer(tuple(w.shape), WeightQuantSpec(3, 32))
+    with torch.no_grad():
+        plain = quant(w)
+    assert torch.equal(plain, quant(w.clone().requires_grad_()).detach())
+
+
 def test_checkpointed_and_plain_quant_linear_give_the_same_gradients(monkeypatch):
     """Large linears recompute the fake-quant weight in the backward pass; the gradients must not change."""
     from omniquant.quant import qlinear
