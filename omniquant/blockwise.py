@@ -45,7 +45,6 @@ from omniquant.block_train import (
 from omniquant.capture import block_forward, capture_block_inputs
 from omniquant.config import CalibConfig
 from omniquant.errors import UserError
-from omniquant.heap import release_freed_memory
 from omniquant.models.base import Adapter
 from omniquant.quant.clip_init import STAT_WINDOWS, init_clipping, input_second_moments
 from omniquant.quant.norm_gain import attach_norm_gains, bake_norm_gains
@@ -270,7 +269,6 @@ def _quantize_directly(blocks, adapter: Adapter, cfg: CalibConfig, state: RunSta
         # the same log as the block-wise path gives an untrained block
         result.block_log.append({"block": i, "epoch_loss": [], "nan": None})
         blocks.finish(i, block, result)
-        release_freed_memory()
         _kill_hook(i)
     return result
 
@@ -325,7 +323,6 @@ def _calibrate_blockwise(model, blocks, adapter, windows, cfg, state, resume, ma
             _run_stream(block, q, kwargs, amp)
             blocks.finish(i, block, result)
             del block, kwargs
-            release_freed_memory()  # heap holes between blocks: 7B LWC peak grew ~60 MB per block without it
             _kill_hook(i)
         if cfg.e2e_epochs:
             result.fp_out = fp[0 : shape[0]].to("cpu", copy=True)

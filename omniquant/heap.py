@@ -1,13 +1,13 @@
 """glibc heap policy for the two kinds of long loops here (glibc only; a no-op elsewhere).
 
 Give freed memory back between large per-tensor steps (`release_freed_memory`: the packer after each tensor, the
-block loop and the direct (RTN) quantization after each block):
+lazy block loader after each block, `lazy_model.LazyBlocks.finish`):
 
 glibc raises its mmap threshold to the size of each freed mmapped chunk (up to 32 MB), after which the row-block
 temporaries of a 7B-sized tensor come from the heap, whose freed holes are kept: packing six 7B-shaped linears
 one after another, the resident size went 371 -> 546 MB without a trim and stayed at 232 MB with one after each
 (`omniquant pack` of a whole 7B model, 291 tensors, peaked at 3.9 GiB without it). RTN of a Llama-2-7B-shaped model
-likewise: each block's scales / zeros stay allocated between freed holes, peak 3.30 -> 2.03 GiB with a trim per block;
+likewise: each block's scales / zeros stay allocated between freed holes, peak 3.30 -> 2.00 GiB with a trim per block;
 1 epoch of LWC (2 x 128 tokens) 3.96 -> 2.23 GiB, wall 592 -> 616 s.
 `malloc_trim(0)` returns the free pages of every arena.
 
@@ -17,8 +17,9 @@ threshold that starts at 128 kB, a heap top trimmed once twice that is free) man
 in again, page by page, at the next step. A fixed 32 MB mmap threshold (the dynamic threshold's own maximum) and a
 1 GB trim threshold keep them mapped: SmolLM2 W2g128 `blockap` 1 + 1, one thread, the stage's `_loss` calls 38.4 ->
 36.0 s and 1.90 M -> 0.91 M minor page faults, results bit for bit the same (bench/README.md, "Calibration time").
-Not used in the block loop: there glibc's dynamic threshold already keeps the faults low (~0.3 M for 30 blocks),
-and the trim after each block, which bounds what a retained heap would keep at 7B, cost more faults than it saved.
+`retained_heap` is not used in the block loop: there glibc's dynamic threshold already keeps the faults low (~0.3 M
+for 30 blocks), and a retained heap, which at 7B needs the per-block trim to stay bounded, cost more faults than it
+saved.
 """
 
 from __future__ import annotations

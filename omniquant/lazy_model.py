@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from omniquant.errors import UserError
+from omniquant.heap import release_freed_memory
 from omniquant.models.base import Adapter
 from omniquant.safetensors_io import SafetensorsDir
 
@@ -135,7 +136,9 @@ class LazyBlocks:
     """Decoder blocks read from disk one at a time for the block loop (same interface as blockwise.ModelBlocks).
 
     load(i): block i in the compute dtype on `device`; finish(i, block, result): hand the quantized block to
-    `sink(i, prefix, block, result)` (which writes it in its stored dtype), then free it (back to meta).
+    `sink(i, prefix, block, result)` (which writes it in its stored dtype), then free it (back to meta) and give the
+    freed heap back (`heap.release_freed_memory`: without it a Llama-2-7B-shaped RTN run peaked at 3.30 GiB, LWC at
+    3.96, growing ~60 MB per block).
     """
 
     def __init__(self, ckpt: LazyCheckpoint, adapter: Adapter, device: torch.device, sink):
@@ -156,6 +159,7 @@ class LazyBlocks:
     def finish(self, i: int, block: nn.Module, result) -> None:
         self.sink(i, f"{self.adapter.blocks_path}.{i}", block, result)
         block.to("meta")
+        release_freed_memory()
 
     def capture(self):
         """Context manager: the tensors that run before block 0 are loaded (stored dtype, CPU) inside it."""
